@@ -1,0 +1,218 @@
+"""The mitmproxy adapter: flow -> `RawRequest` -> pipeline -> flow. Thin on purpose.
+
+mitmproxy logs an exception raised in a hook and lets the flow continue upstream. So each hook
+here catches everything, and the request hook goes further: it sets a 503 *before* it does
+anything and removes it only when the pipeline said "forward". Any path out of the hook that
+is not that one leaves the 503 in place.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable
+
+from mitmproxy import http
+
+from sidecar.errors import Refusal, deny, outcome_body, unavailable
+from sidecar.logs import get_logger
+from sidecar.parse import correlation_id, traceparent
+from sidecar.pipeline import Decision, Pipeline
+from sidecar.request import RawRequest
+
+log = get_logger("sidecar.request")
+META = "fhir_sidecar"
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade")
+
+
+def refusal_response(refusal: Refusal, correlation: str) -> http.Response:
+    headers = [(b"content-type", b"application/fhir+json"), (b"x-correlation-id", correlation.encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers]
+    return http.Response.make(refusal.status, outcome_body(refusal, correlation), headers)
+
+
+def raw_request(flow: http.HTTPFlow, mode: str) -> RawRequest:
+    r = flow.request
+    headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in r.headers.fields)
+    meta = flow.metadata.get(META + ".host")
+    return RawRequest(
+        method=r.method,
+        target=r.data.path,
+        headers=headers,
+        body=r.raw_content or b"",
+        scheme="https" if flow.client_conn.tls_established else "http",
+        authority=r.data.authority.decode("latin-1") if (mode == "reverse" and r.http_version.startswith("HTTP/1")) else "",
+        host=meta or "",
+        client_addr=flow.client_conn.peername[0] if flow.client_conn.peername else "",
+        mode=mode,
+    )
+
+
+class SidecarAddon:
+    """`pipeline_ref` returns the current pipeline: a reload swaps it between requests."""
+
+    def __init__(self, pipeline_ref: Callable[[], Pipeline], *, mode: str, upstream_host: str,
+                 upstream_port: int, upstream_scheme: str, upstream_base: str, base_path: str) -> None:
+        self._pipeline = pipeline_ref
+        self.mode = mode
+        self.upstream = (upstream_host, upstream_port, upstream_scheme)
+        self.upstream_base = upstream_base
+        self.base_path = base_path
+        self.inflight = 0
+        self.draining = False
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Forward mode: CONNECT only to the EHR; anything else is refused, never tunnelled."""
+        try:
+            host, port, _ = self.upstream
+            if flow.request.host.lower() != host.lower() or flow.request.port != port:
+                corr = str(uuid.uuid4())
+                flow.response = refusal_response(deny("destination is not the EHR"), corr)
+                log.warning("connect refused", correlation_id=corr, status=403, decision="deny")
+        except BaseException:
+            flow.response = http.Response.make(503, b"", {"content-type": "text/plain"})
+            raise
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self.inflight += 1
+            flow.metadata[META + ".counted"] = True
+            # the Host the app addressed: response URLs are rewritten to it (reverse mode)
+            flow.metadata[META + ".host"] = flow.request.host_header or ""
+        except BaseException:
+            flow.response = http.Response.make(503, b"", {"content-type": "text/plain"})
+            raise
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        corr = "unknown-correlation"
+        flow.response = http.Response.make(503, b"", {"content-type": "text/plain"})  # until proven otherwise
+        try:
+            raw = raw_request(flow, self.mode)
+            corr = correlation_id(raw)
+            flow.response = refusal_response(unavailable("sidecar could not decide"), corr)
+            if self.draining:
+                decision = Decision(corr, "", time.monotonic(), unavailable("sidecar is shutting down", 1))
+            elif self.mode == "forward" and not self._is_upstream(flow):
+                decision = Decision(corr, "", time.monotonic(), deny("destination is not the EHR"))
+            else:
+                decision = await self._pipeline().decide(raw, corr, traceparent(raw))
+            flow.metadata[META] = decision
+            if decision.refusal is not None:
+                flow.response = refusal_response(decision.refusal, corr)
+                return
+            self._prepare_upstream(flow, decision)
+            flow.response = None  # the one way out that forwards
+        except BaseException as e:
+            flow.response = refusal_response(unavailable("internal error; nothing was forwarded"), corr)
+            log.error("request hook failed", correlation_id=corr, error_type=type(e).__name__, status=503)
+            if not isinstance(e, Exception):
+                raise
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            d: Decision | None = flow.metadata.get(META)
+            resp = flow.response
+            if resp is None:
+                return
+            corr = d.correlation_id if d else flow.metadata.get(META + ".corr", "")
+            if d is not None and d.forward:
+                if self.mode == "reverse":
+                    self._rewrite_urls(flow)
+                if corr:
+                    resp.headers["x-correlation-id"] = corr
+                await self._pipeline().record_outcome(d, resp.status_code, raw_request(flow, self.mode))
+            self._log(d, resp.status_code)
+        except Exception as e:
+            log.error("response hook failed", error_type=type(e).__name__)
+            # the write already happened upstream; answer honestly that the outcome is unknown here
+            if flow.response is not None:
+                flow.response = refusal_response(Refusal(502, "response could not be processed", "exception"),
+                                                 getattr(flow.metadata.get(META), "correlation_id", ""))
+        finally:
+            self._done(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            d: Decision | None = flow.metadata.get(META)
+            if d is not None and d.forward:
+                await self._pipeline().record_outcome(d, None, raw_request(flow, self.mode), outcome="unknown")
+                self._log(d, 502)
+        except Exception as e:
+            log.error("error hook failed", error_type=type(e).__name__)
+        finally:
+            self._done(flow)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(META + ".counted", False):
+            self.inflight -= 1
+
+    def _is_upstream(self, flow: http.HTTPFlow) -> bool:
+        host, port, scheme = self.upstream
+        r = flow.request
+        return r.host.lower() == host.lower() and r.port == port and r.scheme == scheme
+
+    def _prepare_upstream(self, flow: http.HTTPFlow, d: Decision) -> None:
+        req = d.request
+        assert req is not None
+        r = flow.request
+        fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in req.headers.items()]
+        host, port, scheme = self.upstream
+        default_port = 443 if scheme == "https" else 80
+        fields.append((b"host", (host if port == default_port else f"{host}:{port}").encode()))
+        fields.append((b"x-correlation-id", d.correlation_id.encode()))
+        fields.append((b"traceparent", d.traceparent.encode()))
+        fields.append((b"accept-encoding", b"identity"))  # plain responses: URLs can be rewritten
+        if flow.client_conn.peername:
+            fields.append((b"x-forwarded-for", flow.client_conn.peername[0].encode()))
+        if req.raw_body:
+            fields.append((b"content-length", str(len(req.raw_body)).encode()))
+        r.headers = http.Headers(fields)
+        r.method = req.method
+        r.raw_content = req.raw_body
+
+    def _rewrite_urls(self, flow: http.HTTPFlow) -> None:
+        """Upstream URLs in the answer point at the sidecar, so apps never learn a way around."""
+        resp = flow.response
+        assert resp is not None
+        host = flow.metadata.get(META + ".host")
+        if not host:
+            return
+        ours = f"{'https' if flow.client_conn.tls_established else 'http'}://{host}{self.base_path}"
+        up = self.upstream_base
+        for name in ("location", "content-location"):
+            v = resp.headers.get(name)
+            if v and (v == up or v.startswith(up + "/")):
+                resp.headers[name] = ours + v[len(up):]
+        body = resp.raw_content
+        if body and "content-encoding" not in resp.headers:
+            new = body
+            for a, b in ((up, ours), (up.replace("/", "\\/"), ours.replace("/", "\\/"))):
+                new = new.replace(f'"{a}/'.encode(), f'"{b}/'.encode()).replace(f'"{a}"'.encode(), f'"{b}"'.encode())
+            if new is not body and new != body:
+                resp.raw_content = new
+                resp.headers["content-length"] = str(len(new))
+        for h in HOP_BY_HOP[1:3]:
+            resp.headers.pop(h, None)
+
+    def _log(self, d: Decision | None, status: int) -> None:
+        if d is None:
+            return
+        ev = {
+            "correlation_id": d.correlation_id,
+            "status": status,
+            "latency_ms": round((time.monotonic() - d.started) * 1000, 2),
+            "decision": "allow" if d.forward else d.refusal.decision if d.refusal else "error",
+        }
+        if d.classification is not None:
+            ev["interaction"] = d.classification.interaction
+        if d.request is not None and d.request.target.resource_type:
+            ev["resource_type"] = d.request.target.resource_type
+        if d.principal is not None and d.principal.client_id:
+            ev["client_id"] = d.principal.client_id
+        if d.refusal is not None:
+            ev["reasons"] = [d.refusal.reason]
+        log.info("request", **ev)

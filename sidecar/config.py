@@ -1,0 +1,333 @@
+"""The sidecar's configuration: pydantic models, validated once at start-up.
+
+Unknown keys are an error (a typo must never silently disable a guard). Secret-bearing
+values are references (`env:`, `file:`, `vault:`), checked for shape here and resolved by
+`sidecar.secretrefs` when the sidecar starts. `fhir-sidecar config schema` prints the JSON
+Schema generated from these models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sidecar.scopes import parse_scope
+from sidecar.secretrefs import check_ref
+
+SecretRef = Annotated[str, AfterValidator(check_ref)]
+
+CONFIG_ENV = "FHIR_SIDECAR_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. The message says what to fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Upstream(_Model):
+    url: str = Field(description="FHIR base URL of the EHR, e.g. https://ehr.example.org/fhir/R4")
+    ca_bundle: str | None = Field(None, description="PEM trust anchors for the EHR's TLS certificate")
+    spki_sha256: list[str] = Field(default_factory=list, description="optional SPKI pins (hex)")
+    timeout_s: float = Field(30, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _check_url(self) -> "Upstream":
+        u = urlsplit(self.url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("upstream.url must be an absolute http(s) URL")
+        if u.query or u.fragment or u.username or u.password:
+            raise ValueError("upstream.url must not carry a query, fragment or credentials")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        u = urlsplit(self.url)
+        return u.port or (443 if u.scheme == "https" else 80)
+
+    @property
+    def base_path(self) -> str:
+        """The upstream base path without a trailing slash ("" for a base at the root)."""
+        return urlsplit(self.url).path.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+
+class TlsFiles(_Model):
+    cert: SecretRef
+    key: SecretRef
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    mode: Literal["reverse", "forward", "transparent"] = "reverse"
+    tls: TlsFiles | None = None
+    confdir: str | None = Field(
+        None, description="forward mode: mitmproxy confdir holding the sidecar CA (writable, or pre-provisioned)"
+    )
+
+    @property
+    def is_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+
+class Admin(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+    token: SecretRef | None = Field(None, description="bearer token for the admin API (required off-loopback)")
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "Admin":
+        if self.token is None and not _is_loopback(self.host):
+            raise ValueError("admin.token is required when the admin listener is not on loopback")
+        return self
+
+
+class Fhir(_Model):
+    version: Literal["R4"] = "R4"
+    max_body_bytes: int = Field(5 * 1024 * 1024, gt=0, le=256 * 1024 * 1024)
+
+
+class IntrospectionCfg(_Model):
+    url: str
+    client_id: str
+    client_secret: SecretRef
+
+
+class Identity(_Model):
+    jwks: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    introspection: IntrospectionCfg | None = None
+    client_ca: str | None = None
+
+
+class UpstreamCredentials(_Model):
+    type: Literal["basic", "bearer", "client_credentials"]
+    token: SecretRef | None = None
+    username: str | None = None
+    password: SecretRef | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    private_key: SecretRef | None = None
+    client_secret: SecretRef | None = None
+
+
+class Client(_Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    auth: Literal["bearer", "api-key", "mtls", "single"]
+    scopes: list[str] = Field(default_factory=list, description="the ceiling: token scopes are intersected with it")
+    tenant: str | None = None
+    enforce: bool = True
+    api_key_sha256: str | None = Field(None, description="hex SHA-256 of the API key, or a secret reference to it")
+    upstream_credentials: SecretRef | UpstreamCredentials | None = None
+    operations: list[str] = Field(default_factory=list, description="write operations ($op) this client may call")
+    conditional_writes: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "Client":
+        for s in self.scopes:
+            try:
+                parse_scope(s)
+            except ValueError as e:
+                raise ValueError(f"client {self.id}: scope {s!r}: {e}") from None
+        if self.auth == "api-key":
+            h = self.api_key_sha256
+            if not h:
+                raise ValueError(f"client {self.id}: auth api-key needs api_key_sha256")
+            if not (h.startswith(("env:", "file:", "vault:")) or _is_sha256_hex(h)):
+                raise ValueError(f"client {self.id}: api_key_sha256 must be 64 hex characters or a secret reference")
+        elif self.api_key_sha256 is not None:
+            raise ValueError(f"client {self.id}: api_key_sha256 is only for auth api-key")
+        for op in self.operations:
+            if not op.startswith("$"):
+                raise ValueError(f"client {self.id}: operations are names like $merge, got {op!r}")
+        return self
+
+
+class Policy(_Model):
+    engine: Literal["embedded", "opa", "off"] = "embedded"
+    dir: str = "policies/"
+    opa_url: str | None = None
+    path: str = Field("fhir/writeback", pattern=r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+    shadow: bool = False
+    timeout_ms: int = Field(200, gt=0, le=10_000)
+
+
+class KillSwitch(_Model):
+    file: str = "/var/run/fhir-sidecar/killswitch"
+    scope: Literal["all", "writes"] = "all"
+    retry_after_s: int = Field(30, ge=1, le=86_400)
+
+
+class Audit(_Model):
+    path: str = "/var/lib/fhir-sidecar/audit.jsonl"
+    key: SecretRef | None = None
+    keys: dict[str, SecretRef] | None = None
+    active: str | None = None
+    pseudonym_key: SecretRef | None = None
+    reads_fail_open: bool = False
+    chain: str = Field("main", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _keys(self) -> "Audit":
+        if (self.key is None) == (self.keys is None):
+            raise ValueError("audit needs exactly one of `key` or `keys` (+ `active`)")
+        if self.keys is not None and (self.active is None or self.active not in self.keys):
+            raise ValueError("audit.active must name one of audit.keys")
+        return self
+
+    def key_refs(self) -> tuple[dict[str, str], str]:
+        if self.keys is not None:
+            return dict(self.keys), self.active or ""
+        return {"k1": self.key or ""}, "k1"
+
+
+class Approvals(_Model):
+    release_credentials: SecretRef | None = None
+    ttl_s: int = Field(86_400, gt=0)
+
+
+class Vault(_Model):
+    url: str
+    auth: Literal["token", "approle", "kubernetes"] = "token"
+    token: SecretRef | None = None
+    role_id: str | None = None
+    secret_id: SecretRef | None = None
+    role: str | None = None
+
+
+class State(_Model):
+    store: str = "sqlite:/var/lib/fhir-sidecar/state.db"
+    password: SecretRef | None = None
+
+
+class Idempotency(_Model):
+    ttl_s: int = Field(86_400, gt=0)
+    dedupe_window_s: int = Field(0, ge=0)
+
+
+class Config(_Model):
+    upstream: Upstream
+    listen: Listen = Field(default_factory=Listen)
+    admin: Admin = Field(default_factory=Admin)
+    fhir: Fhir = Field(default_factory=Fhir)
+    identity: Identity = Field(default_factory=Identity)
+    clients: list[Client] = Field(min_length=1)
+    policy: Policy = Field(default_factory=Policy)
+    killswitch: KillSwitch = Field(default_factory=KillSwitch)
+    audit: Audit
+    approvals: Approvals = Field(default_factory=Approvals)
+    vault: Vault | None = None
+    state: State = Field(default_factory=State)
+    idempotency: Idempotency = Field(default_factory=Idempotency)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        ids = [c.id for c in self.clients]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"client ids must be unique: {', '.join(dupes)}")
+        singles = [c for c in self.clients if c.auth == "single"]
+        if singles and (len(self.clients) > 1 or not self.listen.is_loopback):
+            raise ValueError("auth `single` is the one app in the pod: it must be the only client, on a loopback listener")
+        if self.listen.tls is None and not self.listen.is_loopback and self.listen.mode == "reverse":
+            raise ValueError("listen.tls is required when the listener is not on loopback")
+        return self
+
+    def client(self, client_id: str) -> Client | None:
+        for c in self.clients:
+            if c.id == client_id:
+                return c
+        return None
+
+
+def unsupported_features(cfg: Config) -> list[str]:
+    """Parts of the contract this build does not implement yet: refused at start, never ignored."""
+    out: list[str] = []
+    for c in cfg.clients:
+        if c.auth in ("bearer", "mtls"):
+            out.append(f"client {c.id}: auth `{c.auth}` is not available in this build")
+        if c.upstream_credentials is not None:
+            out.append(f"client {c.id}: upstream_credentials (credential injection) is not available in this build")
+    if cfg.policy.engine == "opa":
+        out.append("policy.engine `opa` is not available in this build (use `embedded`)")
+    if cfg.listen.mode == "transparent":
+        out.append("listen.mode `transparent` is not available in this build")
+    if cfg.listen.tls is not None:
+        out.append("listen.tls is not available in this build")
+    if cfg.vault is not None:
+        out.append("vault is not available in this build")
+    if not cfg.state.store.startswith("sqlite:"):
+        out.append("state.store: only sqlite is available in this build")
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_sha256_hex(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+def config_path(arg: str | None) -> Path:
+    p = arg or os.environ.get(CONFIG_ENV)
+    if not p:
+        raise ConfigError(f"no config: pass --config FILE or set {CONFIG_ENV}")
+    return Path(p)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a YAML config. Raises ConfigError with every problem listed."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return parse_config(data, source=str(p))
+
+
+def parse_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors(include_url=False, include_input=False):
+            loc = ".".join(str(x) for x in err["loc"]) or "(top)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None
+
+
+def json_schema() -> dict:
+    return Config.model_json_schema()

@@ -1,0 +1,62 @@
+"""Guards that need nothing but the request, its classification and the principal.
+
+Each returns nothing when the request may go on and raises a `Refusal` otherwise. Order is
+fixed by the pipeline (DESIGN: kill switch, rate limit, idempotency, scopes, validation,
+prior state, policy).
+"""
+
+from __future__ import annotations
+
+from sidecar.errors import Refusal, bad_request, deny
+from sidecar.fhir.validate import FhirValidationError, validate_json_patch, validate_resource
+from sidecar.identity import Principal
+from sidecar.request import Classification, FhirRequest
+
+
+def check_scopes(cls: Classification, who: Principal) -> None:
+    """Every requirement must be granted by the client's scopes; write operations must be named."""
+    if cls.public:
+        return
+    for i, req in enumerate(cls.requires):
+        missing = who.scopes.missing(req.resource_type, req.letters, contexts=who.contexts)
+        if missing:
+            letters = "".join(sorted(missing, key="cruds".index))
+            where = "any type" if req.resource_type == "*" else req.resource_type
+            raise deny(f"scope does not grant '{letters}' on {where} for {cls.interaction}")
+    for op in cls.write_operations:
+        if op not in who.operations:
+            raise deny(f"write operation {op} is not enabled for this client")
+    if cls.conditional and not who.conditional_writes:
+        raise deny("conditional writes are not enabled for this client")
+
+
+def _validate(resource: object, where: str = "") -> None:
+    if not isinstance(resource, dict):
+        raise bad_request(f"{where}the body must be a FHIR resource", "structure")
+    try:
+        validate_resource(resource)
+    except FhirValidationError as e:
+        status = 403 if e.code == "not-supported" else 400
+        raise Refusal(status, f"{where}{e}", e.code) from None
+
+
+def check_valid(req: FhirRequest, cls: Classification) -> None:
+    """Writes are validated with the R4B models; unsupported types are refused, never passed."""
+    if not cls.is_write:
+        return
+    if cls.entries:
+        _validate(req.body)  # the Bundle validates its entries' resources too
+        return
+    if req.method == "PATCH":
+        if isinstance(req.body, list):
+            try:
+                validate_json_patch(req.body)
+            except FhirValidationError as e:
+                raise bad_request(str(e), e.code) from None
+        else:
+            _validate(req.body)
+        return
+    if req.body is not None:
+        _validate(req.body)
+    elif req.method in ("POST", "PUT"):
+        raise bad_request("a write needs a body")

@@ -1,0 +1,84 @@
+"""Identify: which configured client sent this request, proven by what it presented.
+
+Every credential presented must verify; two credentials in one request are refused (which
+one would the EHR believe?). The client's self-description (tenant headers, tags) is never
+used: a client is what its credential proves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from sidecar.config import Client, Config
+from sidecar.errors import unauthenticated
+from sidecar.scopes import ScopeSet
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    client_id: str | None            # None: anonymous, only for public interactions
+    auth: str
+    scopes: ScopeSet
+    contexts: tuple[str, ...] = ("system",)
+    tenant: str | None = None
+    enforce: bool = True
+    operations: frozenset[str] = frozenset()
+    conditional_writes: bool = False
+    user: str | None = None
+    patient: str | None = None
+
+
+ANONYMOUS = Principal(None, "none", ScopeSet(()), ())
+
+
+def principal_for(client: Client) -> Principal:
+    return Principal(
+        client_id=client.id,
+        auth=client.auth,
+        scopes=ScopeSet.from_strings(client.scopes),
+        contexts=("system",),
+        tenant=client.tenant,
+        enforce=client.enforce,
+        operations=frozenset(client.operations),
+        conditional_writes=client.conditional_writes,
+    )
+
+
+class Identities:
+    """The client registry, built once per config load (api-key hashes already resolved)."""
+
+    def __init__(self, cfg: Config, api_key_hashes: dict[str, str]) -> None:
+        self._api_keys: list[tuple[bytes, Principal]] = []
+        self._single: Principal | None = None
+        for c in cfg.clients:
+            if c.auth == "api-key":
+                self._api_keys.append((bytes.fromhex(api_key_hashes[c.id]), principal_for(c)))
+            elif c.auth == "single":
+                self._single = principal_for(c)
+
+    def identify(self, headers: dict[str, str], *, public: bool) -> Principal:
+        """`headers`: the request's single-valued headers (duplicates were refused by parse)."""
+        api_key = headers.get("x-api-key")
+        authorization = headers.get("authorization")
+        if api_key is not None and authorization is not None:
+            raise unauthenticated("two different credentials in one request", token_sent=True)
+        if authorization is not None:
+            # No bearer clients in this build: a token we cannot verify is refused, not passed on.
+            raise unauthenticated("the token cannot be verified", token_sent=True)
+        if api_key is not None:
+            digest = hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).digest()
+            found: Principal | None = None
+            for expected, principal in self._api_keys:
+                # compare against every entry: timing does not reveal which one matched
+                if hmac.compare_digest(digest, expected) and found is None:
+                    found = principal
+            if found is None:
+                raise unauthenticated("unknown API key")
+            return found
+        if self._single is not None:
+            return self._single
+        if public:
+            return ANONYMOUS
+        raise unauthenticated("no credentials")

@@ -1,0 +1,195 @@
+"""The pipeline: parse -> classify -> identify -> guard -> audit, once per request.
+
+It knows nothing of mitmproxy: the adapter hands it a `RawRequest` and gets a `Decision`.
+A stage refuses by raising `Refusal`; any other exception escapes to the adapter, which
+answers 503 and forwards nothing (fail closed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar import guards
+from sidecar.audit.record import pseudonym
+from sidecar.audit.writer import AuditUnavailable, AuditWriter
+from sidecar.classify import classify
+from sidecar.config import Config
+from sidecar.errors import Refusal, unavailable
+from sidecar.identity import Identities, Principal
+from sidecar.killswitch import KillSwitch
+from sidecar.parse import parse_request
+from sidecar.request import Classification, FhirRequest, RawRequest
+
+
+class PolicyEngine(Protocol):
+    revision: str
+
+    async def decide(self, input_doc: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything built from one config load. Swapped whole on reload, never mutated."""
+
+    cfg: Config
+    identities: Identities
+    killswitch: KillSwitch
+    audit: AuditWriter
+    pseudonym_key: bytes
+    policy: PolicyEngine | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    correlation_id: str
+    traceparent: str
+    started: float
+    refusal: Refusal | None = None
+    request: FhirRequest | None = None
+    classification: Classification | None = None
+    principal: Principal | None = None
+    intent_seq: int | None = None
+
+    @property
+    def forward(self) -> bool:
+        return self.refusal is None
+
+
+class Pipeline:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        up = rt.cfg.upstream
+        self._base_path = up.base_path
+        self._upstream_base = up.base_url
+        self._max_body = rt.cfg.fhir.max_body_bytes
+
+    # -- stages (methods so a test can make any one of them raise) ---------------------------
+
+    def parse(self, raw: RawRequest, correlation: str, trace: str) -> FhirRequest:
+        bases: tuple[str, ...] = ()
+        if raw.mode == "reverse" and raw.host:
+            bases = (f"{raw.scheme}://{raw.host}{self._base_path}",)
+        return parse_request(
+            raw, base_path=self._base_path, max_body_bytes=self._max_body,
+            sidecar_bases=bases, upstream_base=self._upstream_base,
+            correlation=correlation, trace=trace,
+        )
+
+    def classify(self, req: FhirRequest) -> Classification:
+        return classify(req, upstream_base=self._upstream_base)
+
+    def identify(self, req: FhirRequest, cls: Classification) -> Principal:
+        return self.rt.identities.identify(req.credentials, public=cls.public)
+
+    async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> None:
+        refusal = self.rt.killswitch.check(who.client_id, cls.is_write)
+        if refusal is not None:
+            raise refusal
+        guards.check_scopes(cls, who)
+        guards.check_valid(req, cls)
+        if self.rt.policy is not None and cls.is_write:
+            await self._policy(req, cls, who)
+
+    async def audit(self, req: FhirRequest, cls: Classification, who: Principal, raw: RawRequest) -> int | None:
+        """Writes: a durable `intent` before anything leaves. Reads: the sink must be healthy."""
+        a = self.rt.audit
+        if cls.is_write:
+            try:
+                rec = await a.append(self._fields("intent", req, cls, who, raw, decision="allow"), durable=True)
+            except AuditUnavailable:
+                raise unavailable("audit sink unavailable") from None
+            return int(rec["seq"])
+        if not a.healthy and not self.rt.cfg.audit.reads_fail_open:
+            raise unavailable("audit sink unavailable")
+        return None
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    async def decide(self, raw: RawRequest, correlation: str, trace: str) -> Decision:
+        started = time.monotonic()
+        req: FhirRequest | None = None
+        cls: Classification | None = None
+        who: Principal | None = None
+        try:
+            req = self.parse(raw, correlation, trace)
+            cls = self.classify(req)
+            who = self.identify(req, cls)
+            await self.guard(req, cls, who)
+            seq = await self.audit(req, cls, who, raw)
+        except Refusal as refusal:
+            await self._record_refusal(refusal, raw, req, cls, who, correlation)
+            return Decision(correlation, trace, started, refusal, req, cls, who)
+        return Decision(correlation, trace, started, None, req, cls, who, seq)
+
+    async def record_outcome(self, d: Decision, status: int | None, raw: RawRequest, outcome: str | None = None) -> None:
+        """After the upstream answered (or failed): `outcome` for writes, `read` for reads."""
+        if d.request is None or d.classification is None or d.principal is None:
+            return
+        latency = round((time.monotonic() - d.started) * 1000, 2)
+        if outcome is None:
+            outcome = "committed" if status is not None and 200 <= status < 300 else "failed"
+        kind = "outcome" if d.classification.is_write else "read"
+        fields = self._fields(kind, d.request, d.classification, d.principal, raw, decision="allow")
+        fields.update(upstream_status=status, latency_ms=latency)
+        if kind == "outcome":
+            fields["outcome"] = outcome
+        try:
+            await self.rt.audit.append(fields, durable=False)
+        except AuditUnavailable:
+            pass  # the sink is failed and says so (not ready, writes 503); the response is already out
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _policy(self, req: FhirRequest, cls: Classification, who: Principal) -> None:
+        from sidecar.policy.input import build_input  # the policy package is optional at import
+
+        policy = self.rt.policy
+        assert policy is not None
+        try:
+            decision = await policy.decide(build_input(req, cls, who, shadow=self.rt.cfg.policy.shadow))
+        except Exception:
+            raise unavailable("policy engine unavailable") from None
+        allow = decision.get("allow")
+        reasons = decision.get("reasons") or []
+        if not isinstance(allow, bool) or not isinstance(reasons, list):
+            raise unavailable("policy decision undefined")
+        if not allow and who.enforce and not self.rt.cfg.policy.shadow:
+            text = "; ".join(str(r) for r in reasons[:5]) or "denied by policy"
+            raise Refusal(403, f"policy: {text}")
+
+    def _fields(self, kind: str, req: FhirRequest | None, cls: Classification | None, who: Principal | None,
+                raw: RawRequest, *, decision: str, reasons: list[str] | None = None) -> dict[str, Any]:
+        f: dict[str, Any] = {"kind": kind, "decision": decision, "method": raw.method.upper()[:10]}
+        if req is not None:
+            f["correlation_id"] = req.correlation_id
+            f["method"] = req.method
+            t = req.target
+            if t.resource_type and t.resource_type != "*":
+                f["resource_type"] = t.resource_type
+            if t.id:
+                f["resource_id"] = pseudonym(self.rt.pseudonym_key, "resource", f"{t.resource_type}/{t.id}")
+        if cls is not None:
+            f["interaction"] = cls.interaction
+        if who is not None and who.client_id is not None:
+            f["client_id"] = who.client_id
+            if who.tenant:
+                f["tenant"] = who.tenant
+        if raw.client_addr:
+            f["source"] = raw.client_addr
+        if reasons:
+            f["reasons"] = reasons
+        if self.rt.policy is not None:
+            f["policy_revision"] = self.rt.policy.revision
+        return f
+
+    async def _record_refusal(self, refusal: Refusal, raw: RawRequest, req: FhirRequest | None,
+                              cls: Classification | None, who: Principal | None, correlation: str) -> None:
+        fields = self._fields("deny", req, cls, who, raw, decision=refusal.decision, reasons=[refusal.reason])
+        fields.setdefault("correlation_id", correlation)
+        fields["upstream_status"] = None
+        try:
+            await self.rt.audit.append(fields, durable=False)
+        except AuditUnavailable:
+            pass  # refusing needs no record to be safe: nothing leaves

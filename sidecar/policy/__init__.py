@@ -1,0 +1,1 @@
+"""Policy engines behind one interface: `decide(input) -> {"allow", "reasons", "review"?}`."""

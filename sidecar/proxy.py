@@ -1,0 +1,220 @@
+"""Run the sidecar: a lean embedded mitmproxy, our addon, the admin listener, signals.
+
+Only the addons a proxy needs are loaded (not mitmdump's 35 defaults, never `dumper`/`save`,
+which write bodies and tokens). Options that would break our guarantees stay off: raw TCP and
+websocket passthrough, `allow_hosts`/`ignore_hosts` (excluded hosts are tunnelled raw),
+`body_size_limit`, `stream_large_bodies`, insecure upstream TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mitmproxy import options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from sidecar import killswitch
+from sidecar.addon import SidecarAddon
+from sidecar.admin import AdminServer, bearer_ok
+from sidecar.config import Config, ConfigError, load_config
+from sidecar.logs import get_logger
+from sidecar.pipeline import Pipeline
+from sidecar.runtime import build_runtime, resolve_secrets
+from sidecar.secretrefs import resolve
+
+log = get_logger("sidecar.proxy")
+DRAIN_TIMEOUT_S = 30.0
+# Changing these needs a restart: a reload that touches them is refused (and said).
+RESTART_KEYS = ("upstream", "listen", "admin", "audit")
+
+
+def apply_options(opts: options.Options, cfg: Config) -> None:
+    """Set after the addons are added: their options do not exist before."""
+    up, lis = cfg.upstream, cfg.listen
+    mode = "regular" if lis.mode == "forward" else f"reverse:{up.scheme}://{up.host}:{up.port}"
+    opts.update(
+        mode=[mode],
+        listen_host=lis.host,
+        listen_port=lis.port,
+        rawtcp=False,
+        websocket=False,
+        http3=False,
+        ssl_insecure=False,
+        keep_host_header=True,       # the adapter sets Host itself; it needs the app's Host to rewrite URLs
+        connection_strategy="lazy",  # never connect anywhere before our hooks have decided
+        upstream_cert=False,
+    )
+    if up.ca_bundle:
+        opts.update(ssl_verify_upstream_trusted_ca=up.ca_bundle)
+    if lis.confdir:
+        opts.update(confdir=lis.confdir)
+
+
+class Sidecar:
+    def __init__(self, cfg: Config, config_file: Path | None, *, base_dir: Path) -> None:
+        self.cfg = cfg
+        self.config_file = config_file
+        self.base_dir = base_dir
+        self.pipeline: Pipeline | None = None
+        self.master: Master | None = None
+        self.addon: SidecarAddon | None = None
+        self.admin: AdminServer | None = None
+        self.admin_token: str | None = None
+        self.ready = False
+
+    async def run(self) -> int:
+        rt = await build_runtime(self.cfg, self.base_dir)
+        self.pipeline = Pipeline(rt)
+        if self.cfg.admin.token:
+            self.admin_token = resolve(self.cfg.admin.token, base_dir=self.base_dir).reveal()
+        up = self.cfg.upstream
+        self.addon = SidecarAddon(
+            lambda: self._current(), mode=self.cfg.listen.mode, upstream_host=up.host, upstream_port=up.port,
+            upstream_scheme=up.scheme, upstream_base=up.base_url, base_path=up.base_path,
+        )
+        self.master = Master(options.Options())
+        self.master.addons.add(
+            core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+            errorcheck.ErrorCheck(), self.addon,
+        )
+        apply_options(self.master.options, self.cfg)
+        self.admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self._admin)
+        await self.admin.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
+        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.drain()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        poll = asyncio.create_task(self._poll_killswitch())
+        await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": ["config loaded"],
+                               "policy_revision": rt.policy.revision if rt.policy else None}, durable=True)
+        run = asyncio.create_task(self.master.run())
+        await self._wait_listening(run)
+        self.ready = True
+        log.info("sidecar ready", mode=self.cfg.listen.mode, listen=f"{self.cfg.listen.host}:{self.listen_port()}",
+                 upstream_host=up.host, version=_version(), policy_revision=rt.policy.revision if rt.policy else None)
+        try:
+            await run
+        finally:
+            poll.cancel()
+            await self.admin.stop()
+            await self._current().rt.audit.close()
+        return 0
+
+    def _current(self) -> Pipeline:
+        assert self.pipeline is not None
+        return self.pipeline
+
+    def listen_port(self) -> int:
+        ps = self.master.addons.get("proxyserver") if self.master else None
+        addrs = ps.listen_addrs() if ps else []
+        return addrs[0][1] if addrs else self.cfg.listen.port
+
+    async def _wait_listening(self, run: asyncio.Task) -> None:
+        for _ in range(200):
+            if run.done():
+                await run  # start-up failed: surface it
+                raise ConfigError("proxy stopped during start-up")
+            ps = self.master.addons.get("proxyserver") if self.master else None
+            if ps and ps.listen_addrs():
+                return
+            await asyncio.sleep(0.05)
+        raise ConfigError("proxy listener did not come up")
+
+    async def _poll_killswitch(self) -> None:
+        while True:
+            try:
+                _ = self._current().rt.killswitch.state  # records changes even without traffic
+            except Exception as e:
+                log.error("kill switch poll failed", error_type=type(e).__name__)
+            await asyncio.sleep(0.5)
+
+    async def drain(self) -> None:
+        """SIGTERM: stop listening, let in-flight requests finish, then exit."""
+        if self.addon is None or self.master is None or self.addon.draining:
+            return
+        log.info("draining", count=self.addon.inflight)
+        self.addon.draining = True
+        self.ready = False
+        self.master.options.update(server=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while self.addon.inflight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.master.shutdown()
+
+    async def reload(self) -> bool:
+        """SIGHUP: a new config and policy, or the old ones kept (and said)."""
+        rt = self._current().rt
+        try:
+            if self.config_file is None:
+                raise ConfigError("no config file to reload")
+            new = load_config(self.config_file)
+            changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
+            if changed:
+                raise ConfigError(f"changing {', '.join(changed)} needs a restart")
+            resolve_secrets(new, self.base_dir)
+            new_rt = await build_runtime(new, self.base_dir, audit=rt.audit)
+        except Exception as e:
+            log.error("reload refused; the running config is kept", error_type=type(e).__name__, reasons=[str(e)[:300]])
+            await _safe_admin(rt, ["reload refused"])
+            return False
+        self.cfg = new
+        self.pipeline = Pipeline(new_rt)
+        log.info("config reloaded", policy_revision=new_rt.policy.revision if new_rt.policy else None)
+        await _safe_admin(new_rt, ["config reloaded"])
+        return True
+
+    # -- admin API -----------------------------------------------------------------------------
+
+    async def _admin(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        path = urlsplit(target).path
+        rt = self._current().rt
+        if path == "/healthz" and method == "GET":
+            return 200, {"status": "ok"}
+        if path == "/readyz" and method == "GET":
+            problems = []
+            if not self.ready:
+                problems.append("not started or draining")
+            if not rt.audit.healthy:
+                problems.append("audit sink failed")
+            return (503 if problems else 200), {"ready": not problems, "problems": problems}
+        if not path.startswith("/admin/"):
+            return 404, {"error": "not found"}
+        if not bearer_ok(headers, self.admin_token):
+            return 401, {"error": "admin token required" if self.admin_token else "admin.token is not configured"}
+        if path == "/admin/killswitch":
+            if method == "GET":
+                st = rt.killswitch.state
+                return 200, {"engaged": st.engaged, "clients": sorted(st.clients), "scope": rt.killswitch.scope}
+            if method == "POST":
+                try:
+                    req = json.loads(body or b"{}")
+                    killswitch.write_flag(rt.killswitch.flag_file, bool(req["engaged"]), req.get("client"),
+                                          str(req.get("reason", ""))[:500])
+                except (ValueError, KeyError, TypeError) as e:
+                    return 400, {"error": f"bad request: {type(e).__name__}"}
+                st = rt.killswitch.state
+                return 200, {"engaged": st.engaged, "clients": sorted(st.clients)}
+        if path == "/admin/reload" and method == "POST":
+            ok = await self.reload()
+            return (200 if ok else 409), {"reloaded": ok}
+        return 404, {"error": "not found"}
+
+
+async def _safe_admin(rt: Any, reasons: list[str]) -> None:
+    try:
+        await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": reasons}, durable=True)
+    except Exception as e:
+        log.error("admin audit record failed", error_type=type(e).__name__)
+
+
+def _version() -> str:
+    from sidecar import __version__
+
+    return __version__

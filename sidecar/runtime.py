@@ -1,0 +1,120 @@
+"""Build a `Runtime` from a validated config: resolve secrets, open the audit sink, load policy.
+
+Everything that can fail does so here, at start-up (or on reload, where the old runtime is kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from sidecar.audit.record import derive_key
+from sidecar.audit.writer import AuditWriter
+from sidecar.config import Config, ConfigError, unsupported_features
+from sidecar.identity import Identities
+from sidecar.killswitch import KillState, KillSwitch
+from sidecar.logs import get_logger
+from sidecar.pipeline import PolicyEngine, Runtime
+from sidecar.secretrefs import SecretError, resolve
+
+log = get_logger("sidecar.runtime")
+MIN_AUDIT_KEY_CHARS = 32
+
+
+def resolve_secrets(cfg: Config, base_dir: Path) -> dict[str, Any]:
+    """All secret references the config holds, resolved. Raises ConfigError listing failures."""
+    problems: list[str] = []
+    out: dict[str, Any] = {"audit": {}, "api_keys": {}}
+
+    def get(ref: str) -> str | None:
+        try:
+            return resolve(ref, base_dir=base_dir).reveal()
+        except SecretError as e:
+            problems.append(str(e))
+            return None
+
+    refs, _active = cfg.audit.key_refs()
+    for kid, ref in refs.items():
+        v = get(ref)
+        if v is not None and len(v) < MIN_AUDIT_KEY_CHARS:
+            problems.append(f"audit key {kid}: must be at least {MIN_AUDIT_KEY_CHARS} characters")
+        elif v is not None:
+            out["audit"][kid] = v.encode()
+    if cfg.audit.pseudonym_key:
+        pk = get(cfg.audit.pseudonym_key)
+        out["pseudonym"] = pk.encode() if pk else None
+    for c in cfg.clients:
+        if c.auth == "api-key" and c.api_key_sha256:
+            h = c.api_key_sha256
+            if h.startswith(("env:", "file:", "vault:")):
+                h = get(h) or ""
+                if h and not (len(h) == 64 and all(ch in "0123456789abcdefABCDEF" for ch in h)):
+                    problems.append(f"client {c.id}: api_key_sha256 reference does not hold 64 hex characters")
+            out["api_keys"][c.id] = h.lower()
+    if problems:
+        raise ConfigError("cannot resolve secrets:\n" + "\n".join(f"  {p}" for p in problems))
+    return out
+
+
+def check_startable(cfg: Config) -> None:
+    missing = unsupported_features(cfg)
+    if missing:
+        raise ConfigError("this config needs features this build does not have:\n" + "\n".join(f"  {m}" for m in missing))
+
+
+def load_policy(cfg: Config, base_dir: Path) -> PolicyEngine | None:
+    if cfg.policy.engine == "off":
+        return None
+    from sidecar.policy.embedded import EmbeddedPolicy
+
+    pdir = Path(cfg.policy.dir)
+    if not pdir.is_absolute():
+        pdir = base_dir / pdir
+    return EmbeddedPolicy.load(pdir, cfg.policy.path)
+
+
+async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | None = None,
+                        fsync: Any = None) -> Runtime:
+    check_startable(cfg)
+    secrets = resolve_secrets(cfg, base_dir)
+    policy = load_policy(cfg, base_dir)
+    refs, active = cfg.audit.key_refs()
+    pseudo_secret = secrets.get("pseudonym") or secrets["audit"][next(iter(refs))]
+    if audit is None:
+        path = Path(cfg.audit.path)
+        if not path.is_absolute():
+            path = base_dir / path
+        kwargs = {"fsync": fsync} if fsync is not None else {}
+        audit = AuditWriter(path, secrets["audit"], active, cfg.audit.chain, **kwargs)
+        await audit.start()
+    ks_path = Path(cfg.killswitch.file)
+    if not ks_path.is_absolute():
+        ks_path = base_dir / ks_path
+    ks_path.parent.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+
+    def on_change(old: KillState, new: KillState) -> None:
+        # the switch is set through its flag file; the running sidecar records every change
+        log.warning("kill switch changed", kill_switch=new.engaged, count=len(new.clients))
+        reasons = [f"kill switch {'engaged' if new.engaged else 'released'}"]
+        reasons += [f"client kill switch engaged: {c}" for c in sorted(new.clients - old.clients)]
+        reasons += [f"client kill switch released: {c}" for c in sorted(old.clients - new.clients)]
+        loop.create_task(_admin_record(audit, reasons))
+
+    ks = KillSwitch(ks_path, cfg.killswitch.scope, cfg.killswitch.retry_after_s, on_change=on_change)
+    return Runtime(
+        cfg=cfg,
+        identities=Identities(cfg, secrets["api_keys"]),
+        killswitch=ks,
+        audit=audit,
+        pseudonym_key=derive_key(pseudo_secret, "pseudonym"),
+        policy=policy,
+    )
+
+
+async def _admin_record(audit: AuditWriter, reasons: list[str]) -> None:
+    try:
+        await audit.append({"kind": "admin", "decision": "admin", "reasons": reasons}, durable=True)
+    except Exception as e:  # the sink's own failure state already makes writes refuse
+        log.error("admin audit record failed", error_type=type(e).__name__)
