@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from sidecar.errors import Refusal, bad_request, deny
-from sidecar.fhir.types import WRITE_ALLOWED_PARAMS, graphql_is_mutation, is_r4_type, operation_is_read_only
+from sidecar.fhir.types import WRITE_ALLOWED_PARAMS, is_r4_type, operation_is_read_only
 from sidecar.parse import parse_path, parse_query, split_target
 from sidecar.request import Classification, Entry, FhirRequest, Requirement, Target
 
@@ -142,9 +142,7 @@ def classify_one(
     if target.kind.startswith("operation-"):
         level = target.kind.split("-", 1)[1]
         name = target.operation or ""
-        read_only = operation_is_read_only(name, level, target.resource_type, m)
-        if name == "$graphql" and read_only:
-            read_only = graphql_text is not None and not graphql_is_mutation(graphql_text)
+        read_only = operation_is_read_only(name, level, target.resource_type, m, graphql_query=graphql_text)
         if not read_only:
             return "operation", True, False, [], name
         if name == "$everything":

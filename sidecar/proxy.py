@@ -57,8 +57,11 @@ def apply_options(opts: options.Options, cfg: Config) -> None:
 
 
 class Sidecar:
-    def __init__(self, cfg: Config, config_file: Path | None, *, base_dir: Path) -> None:
+    def __init__(self, cfg: Config, config_file: Path | None, *, base_dir: Path,
+                 install_signals: bool = True, fsync: Any = None) -> None:
         self.cfg = cfg
+        self._install_signals = install_signals
+        self._fsync = fsync  # injectable so tests can block or fail the audit's fsync
         self.config_file = config_file
         self.base_dir = base_dir
         self.pipeline: Pipeline | None = None
@@ -69,7 +72,7 @@ class Sidecar:
         self.ready = False
 
     async def run(self) -> int:
-        rt = await build_runtime(self.cfg, self.base_dir)
+        rt = await build_runtime(self.cfg, self.base_dir, fsync=self._fsync)
         self.pipeline = Pipeline(rt)
         if self.cfg.admin.token:
             self.admin_token = resolve(self.cfg.admin.token, base_dir=self.base_dir).reveal()
@@ -86,10 +89,11 @@ class Sidecar:
         apply_options(self.master.options, self.cfg)
         self.admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self._admin)
         await self.admin.start()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
-        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.drain()))
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        if self._install_signals:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
+            loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.drain()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         poll = asyncio.create_task(self._poll_killswitch())
         await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": ["config loaded"],
                                "policy_revision": rt.policy.revision if rt.policy else None}, durable=True)

@@ -94,7 +94,8 @@ def patient(**extra: Any) -> dict[str, Any]:
 def create(client: Client, resource: dict[str, Any]) -> dict[str, Any]:
     resp = client("POST", f"/{resource['resourceType']}", resource)
     assert resp.status == 201, resp.body
-    return resp.json
+    result: dict[str, Any] = resp.json
+    return result
 
 
 def ids_of(bundle: dict[str, Any]) -> list[str]:
@@ -541,6 +542,21 @@ def test_ambiguous_framing_is_rejected_and_logged(server: SandboxServer) -> None
     assert server.request_log()[0]["action"] == "error"
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b"garbage\r\n\r\n", b"GET /fhir/R4/metadata\r\n\r\n",
+     b"GET /fhir/R4/metadata HTTP/1.1\r\nHost: x\r\nContent-Length: ab\r\n\r\n",
+     b"POST /fhir/R4/Patient HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+    ids=["garbage", "http-0.9", "bad-length", "bad-chunk"],
+)
+def test_protocol_errors_get_a_400_status_line(server: SandboxServer, raw: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(raw)
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert b"OperationOutcome" in reply
+
+
 def test_unknown_method_is_logged(client: Client, server: SandboxServer) -> None:
     assert client("FOO", "/Patient/x").status == 405
     entry = server.request_log()[-1]
@@ -806,6 +822,14 @@ def test_custom_base_path_and_restart() -> None:
     finally:
         server.stop()
     server.stop()  # idempotent
+    assert server.port != 0  # the bound port is remembered after stop()
+    server.start()  # and the server can be started again
+    again = Client(server)
+    try:
+        assert again("GET", "/metadata", base="/ehr/api").status == 200
+    finally:
+        again.close()
+        server.stop()
 
 
 def test_cli_prints_base_url_and_stops_on_sigterm() -> None:
@@ -828,6 +852,9 @@ def test_cli_prints_base_url_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_sandbox_imports_nothing_from_the_sidecar() -> None:

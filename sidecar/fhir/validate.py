@@ -71,7 +71,7 @@ def model_class(resource_type: str) -> type:
     return cls
 
 
-Kind = Literal["bool", "int", "dec", "str", "xhtml", "complex", "resource", "ext", "other"]
+Kind = Literal["bool", "int", "dec", "str", "id", "xhtml", "complex", "resource", "ext", "other"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +97,11 @@ def _classify(ann: Any) -> tuple[Kind, bool, type | None]:
         ann = _strip_optional(typing.get_args(ann)[0])
     if typing.get_origin(ann) is typing.Annotated:
         base, *meta = typing.get_args(ann)
-        if any(type(m).__name__ == "Xhtml" for m in meta):
+        markers = {type(m).__name__ for m in meta}
+        if "Xhtml" in markers:
             return "xhtml", is_list, None
+        if "Id" in markers:  # the model's default length limit is not R4's 64
+            return "id", is_list, None
         kind: Kind = {bool: "bool", int: "int", decimal.Decimal: "dec"}.get(base, "str")  # type: ignore[assignment]
         return kind, is_list, None
     if ann is bool:
@@ -142,6 +145,7 @@ def _fields(cls: type) -> dict[str, _Field]:
 # --------------------------------------------------------------------------
 
 _SAFE_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_ID: Final = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # R4 id
 
 
 def _key(k: str) -> str:
@@ -160,6 +164,7 @@ _SCALAR_OK: Final = {
     "dec": lambda v: type(v) in (int, float),
     "str": lambda v: type(v) is str and v != "",
     "xhtml": lambda v: type(v) is str and v != "",
+    "id": lambda v: type(v) is str and _ID.fullmatch(v) is not None,
 }
 
 
@@ -320,7 +325,7 @@ def validate_resource(resource: dict[str, Any]) -> None:
     """Raise FhirValidationError unless ``resource`` is a valid resource of a
     supported R4 type. Nested resources are validated with their own types."""
     rtype = resource.get("resourceType") if type(resource) is dict else None
-    root = rtype if isinstance(rtype, str) and _SAFE_KEY.fullmatch(rtype) else "Resource"
+    root = rtype if is_supported(rtype) else "Resource"  # never echo an unknown name
     try:
         _walk_resource(resource, root)
     except _Problem as p:

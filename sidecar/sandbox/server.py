@@ -40,6 +40,7 @@ class SandboxServer:
         self._faults = Faults()
         self._stopping = threading.Event()
         self._httpd: SandboxHTTPServer | None = None
+        self._bound_port: int | None = None  # kept after stop() so base_url stays meaningful
         self._thread: threading.Thread | None = None
         self._engine = Engine(self._store, self.base_url)
 
@@ -53,6 +54,7 @@ class SandboxServer:
             context.load_cert_chain(self._tls[0], self._tls[1])
         self._stopping.clear()
         self._httpd = SandboxHTTPServer((self._host, self._port), self, context)
+        self._bound_port = int(self._httpd.server_address[1])
         self._engine.base_url = self.base_url  # port is known only after binding
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.02},
@@ -79,7 +81,7 @@ class SandboxServer:
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1] if self._httpd is not None else self._port
+        return self._bound_port if self._bound_port is not None else self._port
 
     @property
     def base_url(self) -> str:
@@ -89,6 +91,17 @@ class SandboxServer:
 
     # -- witness and control -------------------------------------------------------
     def request_log(self) -> list[dict[str, Any]]:
+        """Copies of the log entries, oldest first.
+
+        Keys: seq, ts (epoch seconds), method, path (raw, no query), query (raw),
+        headers (lower-cased; repeats joined with ", "), body_b64 (exact received
+        bytes, de-chunked), correlation_id (x-correlation-id or None), action (what
+        the sandbox executed, or "fault:<kind>"; "error" = rejected before execution),
+        classified (the parser's action even when faulted), route (action judged from
+        method + path alone), fault (None, "delay", "hang", "burst", "status"),
+        status (response status, None until answered) and, for transaction/batch,
+        entries: [{method, url, action}].
+        """
         with self._lock:
             return copy.deepcopy(list(self._log))
 

@@ -94,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "SandboxEHR/0.1"
     timeout = 120  # idle keep-alive connections are eventually closed
     disable_nagle_algorithm = True  # avoid 40 ms delayed-ACK stalls on keep-alive
+    wbufsize = -1  # buffered writes; _send flushes once per response
     server: SandboxHTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -139,11 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        # One write for head and body (what end_headers() does, plus the body).
-        self._headers_buffer.append(b"\r\n")
+        self.end_headers()  # buffered (wbufsize), so head and body leave in one write
         if self.command != "HEAD":
-            self._headers_buffer.append(body)
-        self.flush_headers()
+            self.wfile.write(body)
+        self.wfile.flush()
 
     def _send_fhir(self, res: FhirResponse, extra: dict[str, str] | None = None) -> None:
         headers = dict(extra or {})
