@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: stock `mitmdump` reverse proxy vs. the fhir-sidecar, both in front of nginx.
+
+    bench/run.sh [--quick] [--connections 1,8,32] [--rounds 3] [--duration 10] [--profile]
+
+Everything runs on 127.0.0.1 on free ports, with its own temporary directory, and every process
+this script starts is stopped (by PID) when it ends. See bench/README.md for what the rows mean.
+Only the standard library is used here; mitmdump and fhir-sidecar come from the repo's .venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+WRK_LUA = BENCH / "wrk.lua"
+READ_PATH = "/fhir/R4/Observation/1"
+WRITE_PATH = "/fhir/R4/Observation"
+WRITE_BODY = (b'{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org",'
+              b'"code":"8867-4"}]},"valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org",'
+              b'"code":"/min"}}')
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The upstream's canned read: a ~1 KB Observation (no `$` or `'`: it sits in an nginx file, not a string).
+OBSERVATION = {
+    "resourceType": "Observation",
+    "id": "1",
+    "meta": {"versionId": "1", "lastUpdated": "2024-05-01T10:00:00Z",
+             "profile": ["http://hl7.org/fhir/StructureDefinition/vitalsigns"]},
+    "status": "final",
+    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                              "code": "vital-signs", "display": "Vital Signs"}], "text": "Vital Signs"}],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}],
+             "text": "Heart rate"},
+    "subject": {"reference": "Patient/example", "display": "Example Patient"},
+    "encounter": {"reference": "Encounter/example"},
+    "effectiveDateTime": "2024-05-01T09:30:00Z",
+    "issued": "2024-05-01T09:31:12.345Z",
+    "performer": [{"reference": "Practitioner/example", "display": "Example Practitioner"}],
+    "valueQuantity": {"value": 72, "unit": "beats/minute", "system": "http://unitsofmeasure.org", "code": "/min"},
+    "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                                    "code": "N", "display": "Normal"}]}],
+    "note": [{"text": "Resting heart rate measured after five minutes seated."}],
+    "bodySite": {"coding": [{"system": "http://snomed.info/sct", "code": "368209003", "display": "Right arm"}]},
+    "method": {"text": "Automated cuff"},
+    "device": {"reference": "Device/example-monitor"},
+    "referenceRange": [{"low": {"value": 60, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"},
+                        "high": {"value": 100, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}],
+}
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    sendfile on;
+    tcp_nodelay on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {tmp}/www;
+        default_type application/fhir+json;
+        location = /fhir/R4/Observation/1 {{
+            types {{ }}
+            default_type application/fhir+json;
+            try_files /observation-1.json =404;
+        }}
+        location = /fhir/R4/Observation {{
+            if ($request_method = POST) {{
+                add_header Location "http://127.0.0.1:{port}/fhir/R4/Observation/2/_history/1" always;
+                add_header ETag 'W/"1"' always;
+                return 201 '{{"resourceType":"Observation","id":"2","meta":{{"versionId":"1"}},"status":"final"}}';
+            }}
+            return 405;
+        }}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+
+SIDECAR_CONF = """\
+upstream: {{url: "http://127.0.0.1:{nginx}/fhir/R4"}}
+listen: {{host: 127.0.0.1, port: {port}, mode: reverse}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+clients:
+  - id: bench
+    auth: api-key
+    api_key_sha256: "{key_sha}"
+    scopes: [system/Observation.cruds]
+policy: {policy}
+killswitch: {{file: "{state}/killswitch"}}
+audit: {{path: "{state}/audit.jsonl", key: "env:FHIR_SIDECAR_AUDIT_KEY"}}
+"""
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (not its children), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def http(method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None,
+         timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers.items()), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+def machine_info(tmp: Path) -> dict:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp)], capture_output=True, text=True).stdout.strip()
+    return {"nproc": os.cpu_count(), "cpu_model": model, "tmp_dir": str(tmp), "tmp_fs": fs,
+            "kernel": os.uname().release, "python": sys.version.split()[0]}
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def ensure_tools(install: bool) -> None:
+    missing = [pkg for tool, pkg in (("nginx", "nginx-light"), ("wrk", "wrk")) if not find_exe(tool)]
+    if not missing:
+        return
+    if not install:
+        raise BenchError(f"missing: {', '.join(missing)} (run without --no-install, as root, to apt-get them)")
+    if os.geteuid() != 0:
+        raise BenchError(f"missing: {', '.join(missing)}; install them as root: apt-get install {' '.join(missing)}")
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def find_exe(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)),
+                                      None)
+
+
+def venv_bin(name: str) -> str:
+    for cand in (REPO / ".venv" / "bin" / name, Path(sys.executable).parent / name):
+        if cand.exists():
+            return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise BenchError(f"{name} not found (expected in {REPO / '.venv' / 'bin'})")
+    return found
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    logfile: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Every process this script starts; `stop_all` ends each by its own PID (TERM, then KILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Proc:
+        logfile = logdir / f"{name}.log"
+        out = open(logfile, "wb")
+        try:
+            # own session: a Ctrl-C on the terminal reaches only us, and we stop them in order
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, start_new_session=True)
+        finally:
+            out.close()
+        proc = Proc(name, p, logfile)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 10
+        for p in reversed(self.procs):
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"{p.name} (pid {p.pid}) did not stop on SIGTERM; killing it")
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.popen.wait(timeout=5)
+
+
+def wait_until(check, what: str, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n{proc.tail()}")
+        try:
+            if check():
+                return
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise BenchError(f"timed out waiting for {what} {last}\n{proc.tail()}")
+
+
+def tcp_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+# -- the setup -------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """One proxy under test, and the method it is driven with."""
+    label: str
+    proxy: str          # "mitmdump" | "sidecar" | "sidecar-policy-off"
+    method: str         # "GET" | "POST"
+    port: int
+    pid: int
+    baseline: str | None = None  # the label of the stock row this one is compared with
+    rounds: list[dict] = field(default_factory=list)
+
+
+def start_nginx(procs: Processes, tmp: Path) -> int:
+    port = free_port()
+    www = tmp / "www"
+    www.mkdir()
+    (www / "observation-1.json").write_text(json.dumps(OBSERVATION, indent=1))
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
+    nginx = procs.start("nginx", [find_exe("nginx") or "nginx", "-p", str(tmp), "-c", str(conf),
+                                  "-e", str(tmp / "nginx-error.log")], tmp)
+    wait_until(lambda: tcp_open(port), "nginx", nginx)
+    # the upstream must answer both requests the way the benchmark assumes
+    st, h, body = http("GET", f"http://127.0.0.1:{port}{READ_PATH}")
+    if st != 200 or not h.get("Content-Type", "").startswith("application/fhir+json"):
+        raise BenchError(f"nginx GET: {st} {h.get('Content-Type')}")
+    st, h, body = http("POST", f"http://127.0.0.1:{port}{WRITE_PATH}", {"Content-Type": "application/fhir+json"},
+                       WRITE_BODY)
+    if st != 201 or "Location" not in h:
+        raise BenchError(f"nginx POST: {st} {h} {body[:200]!r}")
+    log(f"nginx on 127.0.0.1:{port} (pid {nginx.pid}), read body {len(json.dumps(OBSERVATION, indent=1))} bytes")
+    return port
+
+
+def start_mitmdump(procs: Processes, tmp: Path, nginx_port: int) -> tuple[int, Proc]:
+    port = free_port()
+    confdir = tmp / "mitmproxy-conf"
+    confdir.mkdir()
+    p = procs.start("mitmdump", [venv_bin("mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{nginx_port}",
+                                 "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                                 "--set", f"confdir={confdir}"], tmp)
+    wait_until(lambda: tcp_open(port), "mitmdump to listen", p)
+    log(f"mitmdump on 127.0.0.1:{port} (pid {p.pid})")
+    return port, p
+
+
+def make_policy_dir(tmp: Path) -> Path:
+    """The repo's Rego, with a data.json that lets the `bench` client write Observations."""
+    pdir = tmp / "policies"
+    pdir.mkdir()
+    regos = sorted((REPO / "policies").glob("*.rego"))
+    if not regos:
+        raise BenchError(f"no .rego files in {REPO / 'policies'}")
+    for f in regos:
+        shutil.copy2(f, pdir / f.name)
+    (pdir / "data.json").write_text(json.dumps({"fhir_sidecar": {"clients": {"bench": {"write_types": ["Observation"]}}}}))
+    return pdir
+
+
+def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_key: str, policy_dir: Path | None,
+                  audit_key: str, log_level: str) -> tuple[int, Proc]:
+    state = tmp / name
+    state.mkdir()
+    port, admin = free_port(), free_port()
+    policy = (f'{{engine: embedded, dir: "{policy_dir}", path: fhir/writeback}}' if policy_dir else "{engine: off}")
+    cfg = state / "sidecar.yaml"
+    cfg.write_text(SIDECAR_CONF.format(nginx=nginx_port, port=port, admin=admin, state=state, policy=policy,
+                                       key_sha=hashlib.sha256(api_key.encode()).hexdigest()))
+    env = dict(os.environ, FHIR_SIDECAR_AUDIT_KEY=audit_key)
+    p = procs.start(name, [venv_bin("fhir-sidecar"), "run", "--config", str(cfg), "--log-level", log_level], tmp,
+                    env=env)
+
+    def ready() -> bool:
+        return http("GET", f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200
+
+    wait_until(ready, f"{name} /readyz", p, timeout=60)
+    log(f"{name} on 127.0.0.1:{port}, admin {admin} (pid {p.pid})")
+    return port, p
+
+
+def sanity_check(t: Target, api_key: str) -> None:
+    """One request per target before measuring: a benchmark of refusals is worthless."""
+    url = f"http://127.0.0.1:{t.port}{READ_PATH if t.method == 'GET' else WRITE_PATH}"
+    headers = {"X-API-Key": api_key}
+    if t.method == "GET":
+        st, h, body = http("GET", url, headers)
+        want = 200
+    else:
+        headers["Content-Type"] = "application/fhir+json"
+        st, h, body = http("POST", url, headers, WRITE_BODY)
+        want = 201
+    if st != want:
+        raise BenchError(f"sanity check failed for {t.label}: {t.method} {url} answered {st}, expected {want}\n"
+                         f"headers: {h}\nbody: {body[:2000].decode(errors='replace')}")
+    info = f"{st}, {len(body)} bytes"
+    if t.method == "POST":
+        info += f", Location: {h.get('Location')}"
+    log(f"sanity ok: {t.label}: {info}")
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+def run_wrk(t: Target, api_key: str, connections: int, threads: int, duration: float) -> dict:
+    url = f"http://127.0.0.1:{t.port}{READ_PATH if t.method == 'GET' else WRITE_PATH}"
+    threads = max(1, min(threads, connections))
+    argv = [find_exe("wrk") or "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
+            "--latency", "--timeout", "10s", "-H", f"X-API-Key: {api_key}", "-s", str(WRK_LUA), url]
+    env = dict(os.environ, BENCH_WRITE="1" if t.method == "POST" else "0")
+    cpu0 = cpu_seconds(t.pid)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration + 60)
+    cpu1 = cpu_seconds(t.pid)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({out.returncode}) for {t.label}:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line.split(" ", 1)[1])
+    secs = r["duration_us"] / 1e6
+    r["rps"] = r["requests"] / secs if secs else 0.0
+    r["cpu_s"] = round(cpu1 - cpu0, 3)
+    r["cpu_s_per_req"] = (cpu1 - cpu0) / r["requests"] if r["requests"] else None
+    r["connections"], r["threads"] = connections, threads
+    return r
+
+
+def summarize(t: Target) -> dict:
+    rs = t.rounds
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return {
+        "label": t.label, "proxy": t.proxy, "method": t.method, "rounds": len(rs),
+        "rps_median": med([r["rps"] for r in rs]),
+        "rps_all": [round(r["rps"], 1) for r in rs],
+        "p50_ms": med([r["latency_us"]["p50"] / 1000 for r in rs]),
+        "p99_ms": med([r["latency_us"]["p99"] / 1000 for r in rs]),
+        "cpu_s_per_req": med([r["cpu_s_per_req"] for r in rs if r["cpu_s_per_req"] is not None]),
+        "requests": sum(r["requests"] for r in rs),
+        "non_2xx_or_3xx": sum(r["errors"]["status"] for r in rs),
+        "socket_errors": sum(r["errors"][k] for r in rs for k in ("connect", "read", "write", "timeout")),
+    }
+
+
+def print_table(conns: int, rows: list[dict]) -> None:
+    by_label = {r["label"]: r for r in rows}
+    head = f"{'c=' + str(conns):<6}{'row':<44}{'req/s':>9}{'vs stock':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        base = by_label.get(r["baseline"]) if r.get("baseline") else None
+        ratio = f"{r['rps_median'] / base['rps_median']:.2f}x" if base and base["rps_median"] else "1.00x"
+        cpu = f"{r['cpu_s_per_req'] * 1e6:.0f}" if r["cpu_s_per_req"] is not None else "-"
+        flag = "" if not (r["non_2xx_or_3xx"] or r["socket_errors"]) else \
+            f"  !! {r['non_2xx_or_3xx']} non-2xx, {r['socket_errors']} socket errors"
+        print(f"{'':<6}{r['label']:<44}{r['rps_median']:>9.0f}{ratio:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+              f"{cpu:>12}{flag}")
+    print()
+
+
+# -- profiling (optional) --------------------------------------------------------------------------
+
+def ensure_py_spy() -> str:
+    try:
+        return venv_bin("py-spy")
+    except BenchError:
+        log("installing py-spy into the venv (pip)")
+        subprocess.run([venv_bin("python"), "-m", "pip", "install", "-q", "py-spy"], check=True)
+        return venv_bin("py-spy")
+
+
+def profile(t: Target, api_key: str, connections: int, threads: int, seconds: int, tmp: Path,
+            top: int = 15) -> dict:
+    """py-spy under wrk load: top functions by own time and by inclusive time, as % of samples."""
+    py_spy = ensure_py_spy()
+    raw = tmp / f"py-spy-{t.proxy}-{t.method}.txt"
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(t.pid), "--duration", str(seconds), "--rate", "250",
+                            "--format", "raw", "--output", str(raw), "--nonblocking"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        run_wrk(t, api_key, connections, threads, seconds)
+        out, _ = spy.communicate(timeout=seconds + 30)
+    finally:
+        if spy.poll() is None:
+            os.kill(spy.pid, signal.SIGTERM)
+            spy.wait(timeout=10)
+    if spy.returncode != 0 or not raw.exists():
+        raise BenchError(f"py-spy failed ({spy.returncode}): {out.decode(errors='replace')[-2000:]}")
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ")
+                  and not f.startswith("thread ")]
+        if frames:
+            own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    pct = lambda c: round(100.0 * c / total, 1) if total else 0.0  # noqa: E731
+    return {"target": t.label, "samples": total,
+            "own": [(f, pct(c)) for f, c in own.most_common(top)],
+            "inclusive": [(f, pct(c)) for f, c in incl.most_common(top * 3)
+                          if not f.startswith(("<module>", "run (asyncio", "run_forever", "_run_once", "_run (",
+                                               "main (", "cmd_run", "<lambda>"))][:top]}
+
+
+def _frame_name(frame: str) -> str:
+    """'decide (sidecar/pipeline.py:112)' -> 'decide (sidecar/pipeline.py)'; keeps paths short."""
+    name, _, loc = frame.partition(" (")
+    loc = loc.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "lib/python3"):
+        if marker in loc:
+            loc = loc.split(marker, 1)[1]
+    if "/sidecar/" in loc:
+        loc = "sidecar/" + loc.split("/sidecar/", 1)[1]
+    return f"{name} ({loc})"
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connections", default="8", help="comma-separated wrk connection counts (default 8)")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2; capped at connections)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (default 3)")
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
+    p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load per row first (default 2)")
+    p.add_argument("--quick", action="store_true", help="3 s rounds, 1 s warm-up")
+    p.add_argument("--tmpdir", help="where the temp dir (audit log, nginx prefix) goes (default: $TMPDIR or /tmp)")
+    p.add_argument("--log-level", default="info", help="the sidecar's --log-level (default info, as deployed)")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, py-spy the sidecar under read and write load and print the hotspots")
+    p.add_argument("--profile-seconds", type=int, default=10)
+    p.add_argument("--no-install", action="store_true", help="never apt-get nginx-light/wrk")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.duration, a.warmup = 3, 1
+    try:
+        a.connections = [int(c) for c in str(a.connections).split(",") if c.strip()]
+    except ValueError:
+        p.error("--connections takes numbers, e.g. 1,8,32")
+    if not a.connections or min(a.connections) < 1 or a.rounds < 1 or a.duration <= 0:
+        p.error("connections, rounds and duration must be positive")
+    return a
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM/SIGHUP behave like Ctrl-C, so `finally` stops everything we started
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    ensure_tools(not args.no_install)
+    tmp = Path(tempfile.mkdtemp(prefix="fhir-sidecar-bench-", dir=args.tmpdir)).resolve()
+    procs = Processes()
+    try:
+        return _run(args, tmp, procs)
+    except BenchError as e:
+        log(f"ERROR: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+    machine = machine_info(tmp)
+    versions = {"nginx": tool_version([find_exe("nginx") or "nginx", "-v"]),
+                "wrk": tool_version([find_exe("wrk") or "wrk", "--version"]),
+                "mitmdump": tool_version([venv_bin("mitmdump"), "--version"])}
+    api_key = "bench-" + secrets.token_urlsafe(24)
+    audit_key = secrets.token_urlsafe(48)  # 64 chars
+
+    nginx_port = start_nginx(procs, tmp)
+    mitm_port, mitm = start_mitmdump(procs, tmp, nginx_port)
+    policy_dir = make_policy_dir(tmp)
+    sc_port, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args.log_level)
+    off_port, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key,
+                                  args.log_level)
+
+    stock_get, stock_post = "stock mitmdump passthrough (GET)", "stock mitmdump passthrough (POST)"
+    targets = [
+        Target(stock_get, "mitmdump", "GET", mitm_port, mitm.pid),
+        Target("sidecar reads (GET)", "sidecar", "GET", sc_port, sc.pid, stock_get),
+        Target(stock_post, "mitmdump", "POST", mitm_port, mitm.pid),
+        Target("sidecar writes (POST, full enforcement)", "sidecar", "POST", sc_port, sc.pid, stock_post),
+        Target("sidecar writes (POST, policy off)", "sidecar-policy-off", "POST", off_port, off.pid, stock_post),
+    ]
+    for t in targets:
+        sanity_check(t, api_key)
+
+    print()
+    print(f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}; temp dir {machine['tmp_dir']} "
+          f"on {machine['tmp_fs']}; kernel {machine['kernel']}")
+    print(f"tools: {versions['nginx']}; {versions['wrk'].split(' [')[0]}; mitmdump {versions['mitmdump']}")
+    print(f"load: wrk keep-alive, {args.threads} threads, {args.rounds} alternating rounds x {args.duration:g} s "
+          f"(+{args.warmup:g} s warm-up), sidecar log level {args.log_level}")
+    print(flush=True)
+
+    results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+                     "versions": versions, "settings": {k: getattr(args, k) for k in
+                                                        ("connections", "threads", "rounds", "duration", "warmup",
+                                                         "log_level")},
+                     "runs": []}
+    for conns in args.connections:
+        for t in targets:
+            t.rounds = []
+            if args.warmup > 0:
+                run_wrk(t, api_key, conns, args.threads, args.warmup)
+        for rnd in range(args.rounds):
+            for t in targets:
+                r = run_wrk(t, api_key, conns, args.threads, args.duration)
+                t.rounds.append(r)
+                log(f"c={conns} round {rnd + 1}/{args.rounds} {t.label}: {r['rps']:.0f} req/s, "
+                    f"p99 {r['latency_us']['p99'] / 1000:.2f} ms, cpu {r['cpu_s']:.2f} s"
+                    + (f", {r['errors']['status']} non-2xx" if r["errors"]["status"] else ""))
+        rows = []
+        for t in targets:
+            s = summarize(t)
+            s["baseline"] = t.baseline
+            rows.append(s)
+        by_label = {r["label"]: r for r in rows}
+        for r in rows:
+            base = by_label.get(r["baseline"]) if r["baseline"] else None
+            r["ratio_vs_stock"] = (r["rps_median"] / base["rps_median"]) if base and base["rps_median"] else 1.0
+        results["runs"].append({"connections": conns, "rows": rows, "raw": {t.label: t.rounds for t in targets}})
+        print_table(conns, rows)
+        for r in rows:
+            if r["non_2xx_or_3xx"] or r["socket_errors"]:
+                log(f"WARNING: {r['label']}: {r['non_2xx_or_3xx']} non-2xx/3xx answers and {r['socket_errors']} "
+                    "socket errors during measurement")
+
+    read_ratio = next(r["ratio_vs_stock"] for r in results["runs"][0]["rows"] if r["label"] == "sidecar reads (GET)")
+    print(f"target (reported, not asserted): sidecar reads >= 1.30x stock mitmdump; measured "
+          f"{read_ratio:.2f}x at c={args.connections[0]}")
+
+    if args.profile:
+        c = args.connections[0]
+        results["profiles"] = []
+        for t in (targets[1], targets[3]):
+            prof = profile(t, api_key, c, args.threads, args.profile_seconds, tmp)
+            results["profiles"].append(prof)
+            print(f"\npy-spy: {t.label}, c={c}, {prof['samples']} samples")
+            print("  own time:")
+            for f, p in prof["own"]:
+                print(f"    {p:5.1f}%  {f}")
+            print("  inclusive:")
+            for f, p in prof["inclusive"]:
+                print(f"    {p:5.1f}%  {f}")
+
+    audit = tmp / "sidecar" / "audit.jsonl"
+    results["audit_bytes"] = audit.stat().st_size if audit.exists() else None
+    if not args.no_save:
+        out_dir = BENCH / "results"
+        out_dir.mkdir(exist_ok=True)
+        out = out_dir / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(results, indent=1))
+        print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
