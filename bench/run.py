@@ -298,8 +298,9 @@ class Target:
 def start_nginx(procs: Processes, tmp: Path) -> int:
     port = free_port()
     www = tmp / "www"
-    www.mkdir()
-    (www / "observation-1.json").write_text(json.dumps(OBSERVATION, indent=1))
+    www.mkdir(mode=0o755)
+    tmp.chmod(0o711)  # nginx workers run as an unprivileged user when started as root
+    (www / "observation-1.json").write_text(json.dumps(OBSERVATION))
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
     nginx = procs.start("nginx", [find_exe("nginx") or "nginx", "-p", str(tmp), "-c", str(conf),
@@ -313,7 +314,7 @@ def start_nginx(procs: Processes, tmp: Path) -> int:
                        WRITE_BODY)
     if st != 201 or "Location" not in h:
         raise BenchError(f"nginx POST: {st} {h} {body[:200]!r}")
-    log(f"nginx on 127.0.0.1:{port} (pid {nginx.pid}), read body {len(json.dumps(OBSERVATION, indent=1))} bytes")
+    log(f"nginx on 127.0.0.1:{port} (pid {nginx.pid}), read body {len(json.dumps(OBSERVATION))} bytes")
     return port
 
 
@@ -347,7 +348,7 @@ def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_k
     state = tmp / name
     state.mkdir()
     port, admin = free_port(), free_port()
-    policy = (f'{{engine: embedded, dir: "{policy_dir}", path: fhir/writeback}}' if policy_dir else "{engine: off}")
+    policy = (f'{{engine: embedded, dir: "{policy_dir}", path: fhir/writeback}}' if policy_dir else '{engine: "off"}')  # quoted: YAML reads a bare off as false
     cfg = state / "sidecar.yaml"
     cfg.write_text(SIDECAR_CONF.format(nginx=nginx_port, port=port, admin=admin, state=state, policy=policy,
                                        key_sha=hashlib.sha256(api_key.encode()).hexdigest()))

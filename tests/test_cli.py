@@ -1,0 +1,106 @@
+"""The CLI: check, config schema, killswitch, audit verify, run (SIGTERM drains in-flight requests)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from sidecar.sandbox import SandboxServer
+from tests.harness import AUDIT_KEY, WRITER_KEY, SidecarProcess, make_config, request
+
+OBS = json.dumps({"resourceType": "Observation", "status": "final",
+                  "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}).encode()
+WH = {"X-API-Key": WRITER_KEY, "Content-Type": "application/fhir+json"}
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    cfg = make_config(tmp_path, "http://127.0.0.1:9/fhir/R4")
+    p = tmp_path / "sidecar.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_check_ok_and_resolve(cfg_file):
+    r = cli("check", "--config", str(cfg_file), "--resolve")
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout and "policy" in r.stdout
+
+
+def test_check_reports_bad_config_clearly(cfg_file):
+    data = yaml.safe_load(cfg_file.read_text())
+    data["audit"]["key"] = "inline-secret-value"
+    data["surprise"] = 1
+    cfg_file.write_text(yaml.safe_dump(data))
+    r = cli("check", "--config", str(cfg_file))
+    assert r.returncode == 2
+    assert "surprise" in r.stderr and "audit.key" in r.stderr
+    assert "inline-secret-value" not in r.stderr
+
+
+def test_check_refuses_unresolvable_secret(cfg_file, monkeypatch):
+    data = yaml.safe_load(cfg_file.read_text())
+    data["audit"]["key"] = "env:FHIR_SIDECAR_TEST_UNSET"
+    cfg_file.write_text(yaml.safe_dump(data))
+    r = cli("check", "--config", str(cfg_file), "--resolve")
+    assert r.returncode == 2 and "FHIR_SIDECAR_TEST_UNSET" in r.stderr
+
+
+def test_config_schema_is_generated_from_the_models():
+    r = cli("config", "schema")
+    schema = json.loads(r.stdout)
+    assert schema["additionalProperties"] is False
+    assert {"upstream", "clients", "audit"} <= set(schema["required"])
+
+
+def test_killswitch_cli_sets_the_flag_file(cfg_file):
+    assert json.loads(cli("killswitch", "status", "--config", str(cfg_file)).stdout)["engaged"] is False
+    out = json.loads(cli("killswitch", "on", "--config", str(cfg_file), "--reason", "drill").stdout)
+    assert out["engaged"] is True
+    out = json.loads(cli("killswitch", "on", "--config", str(cfg_file), "--client", "demo-writer").stdout)
+    assert out["clients"] == ["demo-writer"]
+    out = json.loads(cli("killswitch", "off", "--config", str(cfg_file)).stdout)
+    assert out["engaged"] is False and out["clients"] == ["demo-writer"]
+
+
+def test_run_drains_in_flight_on_sigterm_and_audit_verifies(tmp_path):
+    sandbox = SandboxServer("127.0.0.1", 0)
+    sandbox.start()
+    try:
+        cfg = make_config(tmp_path, sandbox.base_url)
+        sc = SidecarProcess(cfg, tmp_path).start()
+        sandbox.set_faults(delay_ms=1000)
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(r=request(sc.port, "POST", "/fhir/R4/Observation", OBS, WH)))
+        t.start()
+        time.sleep(0.3)
+        sc.signal(signal.SIGTERM)
+        t.join(15)
+        assert result["r"][0] == 201  # the in-flight write finished
+        assert sc.proc.wait(15) == 0
+        with pytest.raises(OSError):
+            request(sc.port, "GET", "/fhir/R4/metadata", timeout=2)
+        r = cli("audit", "verify", "--config", str(sc.cfg_path))
+        assert r.returncode == 0, r.stdout + r.stderr
+        # a flipped byte is found
+        audit = tmp_path / "audit.jsonl"
+        raw = bytearray(audit.read_bytes())
+        i = raw.index(b'"interaction":"create"')
+        raw[i + 16] = ord("X")
+        audit.write_bytes(bytes(raw))
+        assert cli("audit", "verify", "--config", str(sc.cfg_path)).returncode == 1
+        out = sc.stdout_path.read_text()
+        assert AUDIT_KEY not in out and WRITER_KEY not in out
+    finally:
+        sandbox.stop()
