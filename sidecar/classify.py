@@ -145,7 +145,7 @@ def classify_one(
         read_only = operation_is_read_only(name, level, target.resource_type, m, graphql_query=graphql_text)
         if not read_only:
             return "operation", True, False, [], name
-        if name == "$everything":
+        if name in ("$everything", "$graphql"):  # both can reach resources of any type
             reqs = [_req("*", "rs")]
         elif level == "instance":
             reqs = [_req(target.resource_type or "*", "r")]
@@ -192,12 +192,18 @@ def classify_one(
 
 
 def _graphql_text(req: FhirRequest) -> str | None:
-    for k, v in req.target.query:
-        if k == "query":
-            return v
-    if isinstance(req.body, dict) and isinstance(req.body.get("query"), str):
-        return req.body["query"]
-    return None
+    """The one GraphQL document of the request; None (=> not read-only) if absent or ambiguous."""
+    texts = [v for k, v in req.target.query if k == "query"]
+    if isinstance(req.body, dict):
+        if not set(req.body) <= {"query", "operationName", "variables"}:
+            return None  # e.g. persisted-query extensions: the text is not what runs
+        if "query" in req.body:
+            texts.append(req.body["query"])
+    elif req.body is not None:
+        return None
+    if len(texts) != 1 or not isinstance(texts[0], str):
+        return None  # which document would the server run? refuse to guess
+    return texts[0]
 
 
 def classify(req: FhirRequest, *, upstream_base: str) -> Classification:

@@ -133,7 +133,7 @@ class UpstreamCredentials(_Model):
 
 
 class Client(_Model):
-    id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    id: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")  # no leading "." (kill-switch file names)
     auth: Literal["bearer", "api-key", "mtls", "single"]
     scopes: list[str] = Field(default_factory=list, description="the ceiling: token scopes are intersected with it")
     tenant: str | None = None
@@ -154,7 +154,9 @@ class Client(_Model):
             h = self.api_key_sha256
             if not h:
                 raise ValueError(f"client {self.id}: auth api-key needs api_key_sha256")
-            if not (h.startswith(("env:", "file:", "vault:")) or _is_sha256_hex(h)):
+            if h.startswith(("env:", "file:", "vault:")):
+                check_ref(h)
+            elif not _is_sha256_hex(h):
                 raise ValueError(f"client {self.id}: api_key_sha256 must be 64 hex characters or a secret reference")
         elif self.api_key_sha256 is not None:
             raise ValueError(f"client {self.id}: api_key_sha256 is only for auth api-key")
@@ -220,6 +222,12 @@ class State(_Model):
     store: str = "sqlite:/var/lib/fhir-sidecar/state.db"
     password: SecretRef | None = None
 
+    @model_validator(mode="after")
+    def _no_inline_password(self) -> "State":
+        if urlsplit(self.store).password is not None:
+            raise ValueError("state.store must not carry a password: use state.password (a secret reference)")
+        return self
+
 
 class Idempotency(_Model):
     ttl_s: int = Field(86_400, gt=0)
@@ -247,6 +255,9 @@ class Config(_Model):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"client ids must be unique: {', '.join(dupes)}")
+        hashes = [c.api_key_sha256.lower() for c in self.clients if c.api_key_sha256 and _is_sha256_hex(c.api_key_sha256)]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("two clients share one api_key_sha256: a key must identify exactly one client")
         singles = [c for c in self.clients if c.auth == "single"]
         if singles and (len(self.clients) > 1 or not self.listen.is_loopback):
             raise ValueError("auth `single` is the one app in the pod: it must be the only client, on a loopback listener")

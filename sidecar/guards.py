@@ -8,6 +8,7 @@ prior state, policy).
 from __future__ import annotations
 
 from sidecar.errors import Refusal, bad_request, deny
+from sidecar.fhir.types import is_supported
 from sidecar.fhir.validate import FhirValidationError, validate_json_patch, validate_resource
 from sidecar.identity import Principal
 from sidecar.request import Classification, FhirRequest
@@ -40,14 +41,25 @@ def _validate(resource: object, where: str = "") -> None:
         raise Refusal(status, f"{where}{e}", e.code) from None
 
 
+def _patchable(resource_type: str | None, where: str = "") -> None:
+    # A patch's result is a resource of the target type: one we cannot validate is refused.
+    if not is_supported(resource_type):
+        raise Refusal(403, f"{where}resource type is not supported for PATCH", "not-supported")
+
+
 def check_valid(req: FhirRequest, cls: Classification) -> None:
     """Writes are validated with the R4B models; unsupported types are refused, never passed."""
     if not cls.is_write:
         return
     if cls.entries:
+        for e in cls.entries:
+            if e.is_write and e.method == "PATCH":
+                _patchable(e.target.resource_type, f"Bundle entry {e.index}: ")
         _validate(req.body)  # the Bundle validates its entries' resources too
         return
     if req.method == "PATCH":
+        if cls.interaction.startswith("patch"):
+            _patchable(req.target.resource_type)
         if isinstance(req.body, list):
             try:
                 validate_json_patch(req.body)

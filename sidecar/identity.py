@@ -69,14 +69,14 @@ class Identities:
             raise unauthenticated("the token cannot be verified", token_sent=True)
         if api_key is not None:
             digest = hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).digest()
-            found: Principal | None = None
+            found: list[Principal] = []
             for expected, principal in self._api_keys:
                 # compare against every entry: timing does not reveal which one matched
-                if hmac.compare_digest(digest, expected) and found is None:
-                    found = principal
-            if found is None:
-                raise unauthenticated("unknown API key")
-            return found
+                if hmac.compare_digest(digest, expected):
+                    found.append(principal)
+            if len(found) != 1:  # none, or a key shared by two clients: which one is it?
+                raise unauthenticated("unknown API key" if not found else "ambiguous API key")
+            return found[0]
         if self._single is not None:
             return self._single
         if public:

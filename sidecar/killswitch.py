@@ -61,8 +61,9 @@ def read_state(flag_file: Path) -> KillState:
 def write_flag(flag_file: Path, on: bool, client: str | None = None, reason: str = "") -> Path:
     """Set a flag (used by the CLI and the admin API). Written atomically, then fsync'd."""
     if client is not None:
-        if not client or not set(client) <= _CLIENT_ID_OK:
-            raise ValueError("client id must match [A-Za-z0-9._-]+")
+        # A leading "." would be skipped by read_state (and ".." would name the parent directory).
+        if not client or not set(client) <= _CLIENT_ID_OK or client.startswith("."):
+            raise ValueError("client id must match [A-Za-z0-9_-][A-Za-z0-9._-]*")
         path = client_dir(flag_file) / client
     else:
         path = flag_file
@@ -74,7 +75,16 @@ def write_flag(flag_file: Path, on: bool, client: str | None = None, reason: str
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself survives a crash: a lost flag would fail open
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class KillSwitch:

@@ -33,6 +33,7 @@ METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 BODYLESS = frozenset({"GET", "HEAD", "DELETE"})
 
+# All patterns below are used with fullmatch: with match, `$` also matches before a trailing "\n".
 CORRELATION_RE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 # Raw path characters we accept: RFC 3986 pchar without ';' (matrix params confuse servers).
@@ -53,7 +54,7 @@ FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
 
 def correlation_id(raw: RawRequest) -> str:
     vals = raw.header_values("x-correlation-id")
-    if len(vals) == 1 and CORRELATION_RE.match(vals[0]):
+    if len(vals) == 1 and CORRELATION_RE.fullmatch(vals[0]):
         return vals[0]
     return str(uuid.uuid4())
 
@@ -61,7 +62,7 @@ def correlation_id(raw: RawRequest) -> str:
 def traceparent(raw: RawRequest) -> str:
     vals = raw.header_values("traceparent")
     if len(vals) == 1:
-        m = TRACEPARENT_RE.match(vals[0])
+        m = TRACEPARENT_RE.fullmatch(vals[0])
         if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
             return vals[0]
     return f"00-{_rand.token_hex(16)}-{_rand.token_hex(8)}-01"
@@ -78,9 +79,9 @@ def split_target(target: bytes, base_path: str) -> tuple[str, str]:
     path, sep, query = text.partition("?")
     if "#" in text:
         raise deny("fragment in request target")
-    if not _RAW_PATH_RE.match(path) or _PCT_RE.search(path):
+    if not _RAW_PATH_RE.fullmatch(path) or _PCT_RE.search(path):
         raise deny("illegal character or encoding in path")
-    if sep and (not _RAW_QUERY_RE.match(query) or _PCT_RE.search(query) or ";" in query):
+    if sep and (not _RAW_QUERY_RE.fullmatch(query) or _PCT_RE.search(query) or ";" in query):
         raise deny("illegal character or encoding in query")
     if base_path:
         if path == base_path:
@@ -100,9 +101,9 @@ def parse_query(raw_query: str) -> Query:
     except (UnicodeDecodeError, ValueError):
         raise deny("query is not valid UTF-8 percent-encoding") from None
     for k, v in pairs:
-        if not _PARAM_RE.match(k):
+        if not _PARAM_RE.fullmatch(k):
             raise deny("malformed query parameter name")
-        if k in _FORBIDDEN_QUERY:
+        if k.lower() in _FORBIDDEN_QUERY:
             raise deny(f"query parameter {k} is refused")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
             raise deny("control character in query value")
@@ -118,7 +119,10 @@ def parse_path(rel: str, query: Query) -> Target:
     for s in segs_raw:
         if s == "":
             raise deny("empty path segment")
-        d = unquote(s, errors="strict") if "%" in s else s
+        try:
+            d = unquote(s, errors="strict") if "%" in s else s
+        except UnicodeDecodeError:
+            raise deny("path segment is not valid UTF-8 percent-encoding") from None
         if "%" in d or "/" in d or "\\" in d or d in (".", "..") or not d.isascii() or not d.isprintable():
             raise deny("path segment encodes a separator, a dot segment or a second encoding")
         segs.append(d)
@@ -132,12 +136,12 @@ def parse_path(rel: str, query: Query) -> Target:
         return name
 
     def rid(value: str) -> str:
-        if not _ID_RE.match(value):
+        if not _ID_RE.fullmatch(value):
             raise deny("malformed resource id")
         return value
 
     def op(value: str) -> str:
-        if not _OP_RE.match(value):
+        if not _OP_RE.fullmatch(value):
             raise deny("malformed operation name")
         return value
 
@@ -204,6 +208,11 @@ def _single_headers(raw: RawRequest) -> dict[str, str]:
     return seen
 
 
+def _connection_tokens(raw: RawRequest) -> frozenset[str]:
+    """Every header name listed in any `Connection` header (there may be several)."""
+    return frozenset(t.strip().lower() for v in raw.header_values("connection") for t in v.split(",") if t.strip())
+
+
 def _media_type(value: str | None) -> str | None:
     if value is None:
         return None
@@ -247,8 +256,11 @@ def parse_request(
 ) -> FhirRequest:
     """Normalise once. Raises `Refusal` for anything not read with certainty."""
     single = _single_headers(raw)
-    if "upgrade" in single or "upgrade" in single.get("connection", "").lower():
+    hop = _connection_tokens(raw)
+    if "upgrade" in single or any("upgrade" in v.lower() for v in raw.header_values("connection")):
         raise deny("protocol upgrade refused")
+    # Headers named in Connection are hop-by-hop: dropped, so neither used nor forwarded.
+    single = {k: v for k, v in single.items() if k not in hop}
     if raw.authority:
         raise deny("absolute-form request target refused")
     method = effective_method(raw)
@@ -273,7 +285,7 @@ def parse_request(
                 if target.kind not in ("search-type-post", "search-system-post"):
                     raise Refusal(415, "form bodies are accepted for POST _search only", "not-supported")
                 parsed = tuple(jsonbody.parse_form(decoded))
-                names = {k for k, _ in parsed}
+                names = {k.lower() for k, _ in parsed}
                 if names & _FORBIDDEN_QUERY:
                     raise deny("form parameter refused (_method / access_token)")
             elif content_type in PATCH_TYPES:

@@ -12,6 +12,7 @@ from typing import Any
 from sidecar.audit.record import derive_key
 from sidecar.audit.writer import AuditWriter
 from sidecar.config import Config, ConfigError, unsupported_features
+from sidecar.fhir.validate import model_class
 from sidecar.identity import Identities
 from sidecar.killswitch import KillState, KillSwitch
 from sidecar.logs import get_logger
@@ -20,6 +21,8 @@ from sidecar.secretrefs import SecretError, resolve
 
 log = get_logger("sidecar.runtime")
 MIN_AUDIT_KEY_CHARS = 32
+# Imported at start-up so the first write does not pay ~100 ms of model imports.
+WARM_TYPES = ("Bundle", "Observation", "Patient", "Condition", "DocumentReference", "Parameters", "MedicationRequest")
 
 
 def resolve_secrets(cfg: Config, base_dir: Path) -> dict[str, Any]:
@@ -77,6 +80,8 @@ def load_policy(cfg: Config, base_dir: Path) -> PolicyEngine | None:
 async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | None = None,
                         fsync: Any = None) -> Runtime:
     check_startable(cfg)
+    for t in WARM_TYPES:
+        model_class(t)
     secrets = resolve_secrets(cfg, base_dir)
     policy = load_policy(cfg, base_dir)
     refs, active = cfg.audit.key_refs()

@@ -253,3 +253,33 @@ def test_sighup_reload_keeps_old_config_when_new_is_bad(sidecar, sandbox):
     out = (sidecar.cfg_path.parent / "sidecar.stdout").read_text()
     assert "reload refused" in out
     sidecar.cfg_path.write_text(good)
+
+
+CANARY_NAME = "Zebulon Quixbyrne"
+CANARY_SSN = "987-65-4329"
+CANARY_NOTE = "canary-note-7741"
+
+
+def test_canary_phi_never_reaches_the_logs_or_audit(sidecar, sandbox):
+    patient = {"resourceType": "Patient", "id": "canary1", "name": [{"text": CANARY_NAME, "family": "Quixbyrne"}],
+               "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": CANARY_SSN}],
+               "text": {"status": "generated", "div": f"<div xmlns=\"http://www.w3.org/1999/xhtml\">{CANARY_NOTE}</div>"}}
+    body = json.dumps(patient).encode()
+    # allowed (demo-writer may not write Patient: scope deny), invalid, upstream error, query values
+    request(sidecar.port, "PUT", f"{BASE}/Patient/canary1", body, wh())
+    request(sidecar.port, "POST", f"{BASE}/Observation", json.dumps({**OBS, "note": [{"text": CANARY_NOTE}]}).encode(), wh())
+    request(sidecar.port, "POST", f"{BASE}/Observation", b'{"resourceType":"Observation","bogus":"' + CANARY_NAME.encode() + b'"}', wh())
+    request(sidecar.port, "GET", f"{BASE}/Patient?name={CANARY_NAME.replace(' ', '+')}&identifier={CANARY_SSN}", None,
+            {"X-API-Key": READER_KEY})
+    request(sidecar.port, "GET", f"{BASE}/Patient/{CANARY_SSN}", None, {"X-API-Key": READER_KEY})
+    request(sidecar.port, "GET", f"{BASE}/Observation/1", None, {"X-API-Key": CANARY_NAME})
+    sandbox.set_faults(status=500)
+    request(sidecar.port, "POST", f"{BASE}/Observation", json.dumps({**OBS, "note": [{"text": CANARY_NOTE}]}).encode(), wh())
+    sandbox.set_faults()
+    time.sleep(0.3)
+    folder = sidecar.cfg_path.parent
+    for f in folder.rglob("*"):
+        if f.is_file() and f.name != "sidecar.yaml":
+            text = f.read_text(errors="replace")
+            for canary in (CANARY_NAME, "Quixbyrne", "Zebulon", CANARY_SSN, CANARY_NOTE, WRITER_KEY, READER_KEY):
+                assert canary not in text, f"{canary!r} found in {f.name}"
