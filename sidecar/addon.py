@@ -118,18 +118,16 @@ class SidecarAddon:
                 return
             corr = d.correlation_id if d else flow.metadata.get(META + ".corr", "")
             if d is not None and d.forward:
-                if self.mode == "reverse":
-                    self._rewrite_urls(flow)
                 if corr:
                     resp.headers["x-correlation-id"] = corr
+                if self.mode == "reverse":
+                    self._rewrite_urls(flow)
                 await self._pipeline().record_outcome(d, resp.status_code, raw_request(flow, self.mode))
             self._log(d, resp.status_code)
         except Exception as e:
+            # The request already went upstream: the app gets the upstream's true answer (a false
+            # failure would invite a duplicate write); the failure is logged loudly.
             log.error("response hook failed", error_type=type(e).__name__)
-            # the write already happened upstream; answer honestly that the outcome is unknown here
-            if flow.response is not None:
-                flow.response = refusal_response(Refusal(502, "response could not be processed", "exception"),
-                                                 getattr(flow.metadata.get(META), "correlation_id", ""))
         finally:
             self._done(flow)
 

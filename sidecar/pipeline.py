@@ -19,8 +19,12 @@ from sidecar.config import Config
 from sidecar.errors import Refusal, unavailable
 from sidecar.identity import Identities, Principal
 from sidecar.killswitch import KillSwitch
+from sidecar.logs import get_logger
 from sidecar.parse import parse_request
 from sidecar.request import Classification, FhirRequest, RawRequest
+
+
+log = get_logger("sidecar.pipeline")
 
 
 class PolicyEngine(Protocol):
@@ -155,9 +159,14 @@ class Pipeline:
         reasons = decision.get("reasons") or []
         if not isinstance(allow, bool) or not isinstance(reasons, list):
             raise unavailable("policy decision undefined")
-        if not allow and who.enforce and not self.rt.cfg.policy.shadow:
-            text = "; ".join(str(r) for r in reasons[:5]) or "denied by policy"
+        if allow:
+            return
+        text = "; ".join(str(r) for r in reasons[:5])[:500] or "denied by policy"
+        if who.enforce and not self.rt.cfg.policy.shadow:
             raise Refusal(403, f"policy: {text}")
+        # shadow: the decision is reported, not enforced (identity, scopes, hardening still are)
+        log.warning("policy would deny", would_deny=True, correlation_id=req.correlation_id,
+                    client_id=who.client_id, interaction=cls.interaction, reasons=[text])
 
     def _fields(self, kind: str, req: FhirRequest | None, cls: Classification | None, who: Principal | None,
                 raw: RawRequest, *, decision: str, reasons: list[str] | None = None) -> dict[str, Any]:
@@ -179,7 +188,7 @@ class Pipeline:
         if raw.client_addr:
             f["source"] = raw.client_addr
         if reasons:
-            f["reasons"] = reasons
+            f["reasons"] = [r[:500] for r in reasons[:20]]
         if self.rt.policy is not None:
             f["policy_revision"] = self.rt.policy.revision
         return f

@@ -27,7 +27,7 @@ from sidecar.proxy import Sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIT_KEY = "test-audit-key-0123456789-abcdefghijklmnop"
-WRITER_KEY, READER_KEY, OPS_KEY = "writer-key-1", "reader-key-1", "ops-key-1"
+WRITER_KEY, READER_KEY, OPS_KEY, SHADOW_KEY = "writer-key-1", "reader-key-1", "ops-key-1", "shadow-key-1"
 
 
 def free_port() -> int:
@@ -55,6 +55,9 @@ def make_config(tmp: Path, upstream_url: str, **over: Any) -> dict[str, Any]:
              "scopes": ["system/*.rs"]},
             {"id": "scribe-app", "auth": "api-key", "api_key_sha256": sha(OPS_KEY),
              "scopes": ["system/Observation.cruds"], "operations": ["$meta-add"], "conditional_writes": True},
+            # not in the policy's data: the policy denies it, shadow mode only reports that
+            {"id": "shadow-app", "auth": "api-key", "api_key_sha256": sha(SHADOW_KEY), "enforce": False,
+             "scopes": ["system/Observation.c"]},
         ],
         "policy": {"engine": "embedded", "dir": str(ROOT / "policies"), "path": "fhir/writeback"},
         "killswitch": {"file": str(tmp / "killswitch"), "scope": "all", "retry_after_s": 7},

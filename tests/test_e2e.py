@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.audit.verify import verify_files
-from tests.harness import (AUDIT_KEY, OPS_KEY, READER_KEY, WRITER_KEY, SidecarProcess, make_config, raw_exchange,
+from tests.harness import (AUDIT_KEY, OPS_KEY, READER_KEY, SHADOW_KEY, WRITER_KEY, SidecarProcess, make_config, raw_exchange,
                            request)
 from sidecar.sandbox import SandboxServer
 
@@ -283,3 +283,16 @@ def test_canary_phi_never_reaches_the_logs_or_audit(sidecar, sandbox):
             text = f.read_text(errors="replace")
             for canary in (CANARY_NAME, "Quixbyrne", "Zebulon", CANARY_SSN, CANARY_NOTE, WRITER_KEY, READER_KEY):
                 assert canary not in text, f"{canary!r} found in {f.name}"
+
+
+def test_shadow_client_forwards_and_logs_would_deny_but_scopes_still_enforced(sidecar, sandbox):
+    status, _, _ = request(sidecar.port, "POST", f"{BASE}/Observation", json.dumps(OBS).encode(), wh(SHADOW_KEY))
+    assert status == 201
+    time.sleep(0.2)
+    out = (sidecar.cfg_path.parent / "sidecar.stdout").read_text()
+    assert any('"would_deny": true' in line and "shadow-app" in line for line in out.splitlines())
+    # shadow never relaxes scopes: shadow-app has no 'u'
+    status, _, _ = request(sidecar.port, "PUT", f"{BASE}/Observation/x1", json.dumps({**OBS, "id": "x1"}).encode(),
+                           wh(SHADOW_KEY))
+    assert status == 403
+    assert [e["action"] for e in sandbox.request_log()] == ["create"]
