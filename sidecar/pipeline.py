@@ -101,7 +101,10 @@ class Pipeline:
         a = self.rt.audit
         if cls.is_write:
             try:
-                rec = await a.append(self._fields("intent", req, cls, who, raw, decision="allow"), durable=True)
+                # the one case where the sidecar changes a body: the audit record says so
+                note = ["body URLs rewritten from the sidecar base to the upstream base"] if req.body_rewritten else None
+                rec = await a.append(self._fields("intent", req, cls, who, raw, decision="allow", reasons=note),
+                                     durable=True)
             except AuditUnavailable:
                 raise unavailable("audit sink unavailable") from None
             return int(rec["seq"])

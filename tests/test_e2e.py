@@ -116,6 +116,13 @@ def test_transaction_is_allowed_and_entries_rewritten(sidecar, sandbox):
     assert len(log) == 1 and log[0]["action"] == "transaction"
     sent = base64.b64decode(log[0]["body_b64"])
     assert ours.encode() not in sent and f"{sandbox.base_url}/Observation/o2".encode() in sent
+    intent = [r for r in _audit(sidecar) if r["kind"] == "intent" and r.get("correlation_id") == log[0]["correlation_id"]]
+    assert intent and "rewritten" in intent[0]["reasons"][0]
+
+
+def _audit(sidecar):
+    audit = sidecar.cfg_path.parent / "audit.jsonl"
+    return [json.loads(x) for x in audit.read_text().splitlines() if x.startswith("{")]
 
 
 # (method, target, headers, body, expected status) — every one must be refused and never reach the EHR
