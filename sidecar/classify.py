@@ -6,6 +6,7 @@ body contradicts its URL, is refused: deny by default, never guessed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -91,12 +92,15 @@ def _search_requirements(target: Target, rtype: str) -> list[Requirement]:
                 reqs.append(_req(parts[0] if is_r4_type(parts[0]) else "*", "r"))
             else:
                 reqs.append(_req(parts[2] if len(parts) > 2 and is_r4_type(parts[2]) else "*", "r"))
-        elif base == "_has":
-            parts = name.split(":")
-            reqs.append(_req(parts[1] if len(parts) > 1 and is_r4_type(parts[1]) else "*", "s"))
-        elif "." in name:  # chained search: subject:Patient.name=...
-            mod = name.split(".", 1)[0].split(":")
-            reqs.append(_req(mod[1] if len(mod) > 1 and is_r4_type(mod[1]) else "*", "s"))
+        else:
+            tokens = re.split(r"[:.]", name)
+            for i, tok in enumerate(tokens):
+                if tok == "_has":  # _has:Observation:patient:code=..., nested _has too
+                    nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+                    reqs.append(_req(nxt if is_r4_type(nxt) else "*", "s"))
+            for link in name.split(".")[:-1]:  # chained search: every link reaches a type
+                mod = link.split(":")          # subject:Patient.organization.name=...
+                reqs.append(_req(mod[-1] if len(mod) > 1 and is_r4_type(mod[-1]) else "*", "s"))
     return reqs
 
 
@@ -229,7 +233,9 @@ def _entry_target(url: str, upstream_base: str) -> Target:
             url = url[len(upstream_base) + 1:]
         else:
             raise deny("absolute or other-host URL in a Bundle entry")
-    rel = url if url.startswith("/") else "/" + url
+    if url.startswith("/"):  # host-absolute to a server resolving it, base-relative to others: refuse
+        raise deny("Bundle entry URL must be relative to the base")
+    rel = "/" + url
     path, raw_query = split_target(rel.encode("utf-8", "surrogatepass"), "")
     target = parse_path(path, parse_query(raw_query))
     if target.kind in ("base", "metadata", "discovery"):

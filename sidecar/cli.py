@@ -56,7 +56,10 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
     if not flag.is_absolute():
         flag = path.parent.resolve() / flag
     if args.action in ("on", "off"):
-        write_flag(flag, args.action == "on", args.client, args.reason or "")
+        try:
+            write_flag(flag, args.action == "on", args.client, args.reason or "")
+        except ValueError as e:
+            raise ConfigError(f"killswitch: {e}") from None
     st = read_state(flag)
     print(json.dumps({"engaged": st.engaged, "clients": sorted(st.clients), "scope": cfg.killswitch.scope,
                       "flag_file": str(flag)}))

@@ -285,6 +285,8 @@ def parse_request(
                 if target.kind not in ("search-type-post", "search-system-post"):
                     raise Refusal(415, "form bodies are accepted for POST _search only", "not-supported")
                 parsed = tuple(jsonbody.parse_form(decoded))
+                if not all(_PARAM_RE.fullmatch(k) for k, _ in parsed):
+                    raise deny("malformed form parameter name")  # the same names as a URL query
                 names = {k.lower() for k, _ in parsed}
                 if names & _FORBIDDEN_QUERY:
                     raise deny("form parameter refused (_method / access_token)")
