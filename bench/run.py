@@ -166,6 +166,18 @@ def machine_info(tmp: Path) -> dict:
             "kernel": os.uname().release, "python": sys.version.split()[0]}
 
 
+def git_revision() -> str:
+    """The commit measured, with "+dirty" when sidecar/ or policies/ have local changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "sidecar", "policies"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def tool_version(cmd: list[str]) -> str:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -330,6 +342,17 @@ def start_mitmdump(procs: Processes, tmp: Path, nginx_port: int) -> tuple[int, P
     return port, p
 
 
+def start_lean(procs: Processes, tmp: Path, nginx_port: int) -> tuple[int, Proc]:
+    port = free_port()
+    confdir = tmp / "lean-conf"
+    confdir.mkdir()
+    p = procs.start("lean-mitmproxy", [venv_bin("python"), str(BENCH / "lean_mitmproxy.py"), str(nginx_port),
+                                       str(port), str(confdir)], tmp)
+    wait_until(lambda: tcp_open(port), "lean mitmproxy to listen", p)
+    log(f"lean mitmproxy (reference) on 127.0.0.1:{port} (pid {p.pid})")
+    return port, p
+
+
 def make_policy_dir(tmp: Path) -> Path:
     """The repo's Rego, with a data.json that lets the `bench` client write Observations."""
     pdir = tmp / "policies"
@@ -450,17 +473,31 @@ def ensure_py_spy() -> str:
         return venv_bin("py-spy")
 
 
+# Where the event loop's time goes, by the first marker found walking a sample's stack from the
+# innermost frame out. Everything matched by none is mitmproxy/asyncio proxying the request.
+BUCKETS = (
+    ("per-request log line (SidecarAddon._log -> structlog/logging/redact)", ("SidecarAddon._log (",)),
+    ("embedded Rego (EmbeddedPolicy.evaluate, regopy)", ("EmbeddedPolicy.", "regopy/")),
+    ("audit records (AuditWriter.append: seal, HMAC, JCS)", ("AuditWriter.append (", "AuditWriter._enqueue (")),
+    ("FHIR validation (guards.check_valid)", ("check_valid (",)),
+    ("fail-closed placeholder responses (Response.make in the request hook)", ("refusal_response (",)),
+    ("rest of the pipeline (parse, classify, identity, scopes, killswitch)", ("Pipeline.",)),
+    ("rest of the sidecar addon (header rebuild, URL rewrite, ids)", ("SidecarAddon.",)),
+)
+
+
 def profile(t: Target, api_key: str, connections: int, threads: int, seconds: int, tmp: Path,
             top: int = 15) -> dict:
-    """py-spy under wrk load: top functions by own time and by inclusive time, as % of samples."""
+    """py-spy (blocking sampling, so stacks are exact) under wrk load. Percentages are of the
+    event-loop thread's samples: that thread is the bottleneck (it runs at ~100% of a core)."""
     py_spy = ensure_py_spy()
     raw = tmp / f"py-spy-{t.proxy}-{t.method}.txt"
-    spy = subprocess.Popen([py_spy, "record", "--pid", str(t.pid), "--duration", str(seconds), "--rate", "250",
-                            "--format", "raw", "--output", str(raw), "--nonblocking"],
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(t.pid), "--duration", str(seconds), "--rate", "100",
+                            "--threads", "--format", "raw", "--output", str(raw)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         time.sleep(0.5)
-        run_wrk(t, api_key, connections, threads, seconds)
+        run_wrk(t, api_key, connections, threads, seconds + 1)
         out, _ = spy.communicate(timeout=seconds + 30)
     finally:
         if spy.poll() is None:
@@ -470,37 +507,40 @@ def profile(t: Target, api_key: str, connections: int, threads: int, seconds: in
         raise BenchError(f"py-spy failed ({spy.returncode}): {out.decode(errors='replace')[-2000:]}")
     own: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
-    total = 0
+    buckets: collections.Counter[str] = collections.Counter()
+    main_n = other_n = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
+        head, _, rest = stack.partition(";")  # "thread (TID): NAME" then the frames, outermost first
+        if "MainThread" not in head:
+            other_n += int(n)
+            continue
         count = int(n)
-        total += count
-        frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ")
-                  and not f.startswith("thread ")]
+        main_n += count
+        frames = [_frame_name(f) for f in rest.split(";") if f]
         if frames:
             own[frames[-1]] += count
         for f in set(frames):
             incl[f] += count
-    pct = lambda c: round(100.0 * c / total, 1) if total else 0.0  # noqa: E731
-    return {"target": t.label, "samples": total,
+        inner_out = frames[::-1]
+        bucket = next((name for name, marks in BUCKETS if any(m in f for f in inner_out for m in marks)),
+                      "mitmproxy + asyncio (parsing, forwarding, hooks)")
+        buckets[bucket] += count
+    pct = lambda c: round(100.0 * c / main_n, 1) if main_n else 0.0  # noqa: E731
+    ours = [(f, pct(c)) for f, c in incl.most_common() if f.split(" (", 1)[1].startswith("sidecar/")
+            and not f.startswith(("main (", "cmd_run ("))]
+    return {"target": t.label, "event_loop_samples": main_n, "other_thread_samples": other_n,
+            "buckets": [(b, pct(c)) for b, c in buckets.most_common()],
             "own": [(f, pct(c)) for f, c in own.most_common(top)],
-            "inclusive": [(f, pct(c)) for f, c in incl.most_common(top * 3)
-                          if not f.startswith(("<module>", "run (asyncio", "run_forever", "_run_once", "_run (",
-                                               "main (", "cmd_run", "<lambda>"))][:top]}
+            "sidecar_inclusive": ours[:top]}
 
 
 def _frame_name(frame: str) -> str:
-    """'decide (sidecar/pipeline.py:112)' -> 'decide (sidecar/pipeline.py)'; keeps paths short."""
+    """'decide (sidecar/pipeline.py:112)' -> 'decide (sidecar/pipeline.py)' (py-spy already shortens paths)."""
     name, _, loc = frame.partition(" (")
-    loc = loc.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "lib/python3"):
-        if marker in loc:
-            loc = loc.split(marker, 1)[1]
-    if "/sidecar/" in loc:
-        loc = "sidecar/" + loc.split("/sidecar/", 1)[1]
-    return f"{name} ({loc})"
+    return f"{name} ({loc.rstrip(')').rsplit(':', 1)[0]})"
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -518,6 +558,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="afterwards, py-spy the sidecar under read and write load and print the hotspots")
     p.add_argument("--profile-seconds", type=int, default=10)
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference rows (lean mitmproxy without the sidecar addon)")
     p.add_argument("--no-install", action="store_true", help="never apt-get nginx-light/wrk")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     a = p.parse_args(argv)
@@ -561,32 +603,43 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
     machine = machine_info(tmp)
     versions = {"nginx": tool_version([find_exe("nginx") or "nginx", "-v"]),
                 "wrk": tool_version([find_exe("wrk") or "wrk", "--version"]),
-                "mitmdump": tool_version([venv_bin("mitmdump"), "--version"])}
+                "mitmdump": tool_version([venv_bin("mitmdump"), "--version"]), "sidecar": git_revision()}
     api_key = "bench-" + secrets.token_urlsafe(24)
     audit_key = secrets.token_urlsafe(48)  # 64 chars
 
     nginx_port = start_nginx(procs, tmp)
     mitm_port, mitm = start_mitmdump(procs, tmp, nginx_port)
+    lean = None if args.no_reference else start_lean(procs, tmp, nginx_port)
     policy_dir = make_policy_dir(tmp)
     sc_port, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args.log_level)
     off_port, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key,
                                   args.log_level)
 
     stock_get, stock_post = "stock mitmdump passthrough (GET)", "stock mitmdump passthrough (POST)"
-    targets = [
-        Target(stock_get, "mitmdump", "GET", mitm_port, mitm.pid),
+    targets = [Target(stock_get, "mitmdump", "GET", mitm_port, mitm.pid)]
+    if lean:
+        targets.append(Target("ref: lean mitmproxy, no addon (GET)", "lean-mitmproxy", "GET", lean[0], lean[1].pid,
+                              stock_get))
+    targets += [
         Target("sidecar reads (GET)", "sidecar", "GET", sc_port, sc.pid, stock_get),
         Target(stock_post, "mitmdump", "POST", mitm_port, mitm.pid),
+    ]
+    if lean:
+        targets.append(Target("ref: lean mitmproxy, no addon (POST)", "lean-mitmproxy", "POST", lean[0],
+                              lean[1].pid, stock_post))
+    targets += [
         Target("sidecar writes (POST, full enforcement)", "sidecar", "POST", sc_port, sc.pid, stock_post),
         Target("sidecar writes (POST, policy off)", "sidecar-policy-off", "POST", off_port, off.pid, stock_post),
     ]
+    by_name = {t.label: t for t in targets}
     for t in targets:
         sanity_check(t, api_key)
 
     print()
     print(f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}; temp dir {machine['tmp_dir']} "
           f"on {machine['tmp_fs']}; kernel {machine['kernel']}")
-    print(f"tools: {versions['nginx']}; {versions['wrk'].split(' [')[0]}; mitmdump {versions['mitmdump']}")
+    print(f"tools: {versions['nginx']}; {versions['wrk'].split(' [')[0]}; mitmdump {versions['mitmdump']}; "
+          f"sidecar at {versions['sidecar']}")
     print(f"load: wrk keep-alive, {args.threads} threads, {args.rounds} alternating rounds x {args.duration:g} s "
           f"(+{args.warmup:g} s warm-up), sidecar log level {args.log_level}")
     print(flush=True)
@@ -594,7 +647,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
                      "versions": versions, "settings": {k: getattr(args, k) for k in
                                                         ("connections", "threads", "rounds", "duration", "warmup",
-                                                         "log_level")},
+                                                         "log_level", "no_reference")},
                      "runs": []}
     for conns in args.connections:
         for t in targets:
@@ -631,16 +684,16 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
     if args.profile:
         c = args.connections[0]
         results["profiles"] = []
-        for t in (targets[1], targets[3]):
+        for t in (by_name["sidecar reads (GET)"], by_name["sidecar writes (POST, full enforcement)"]):
             prof = profile(t, api_key, c, args.threads, args.profile_seconds, tmp)
             results["profiles"].append(prof)
-            print(f"\npy-spy: {t.label}, c={c}, {prof['samples']} samples")
-            print("  own time:")
-            for f, p in prof["own"]:
-                print(f"    {p:5.1f}%  {f}")
-            print("  inclusive:")
-            for f, p in prof["inclusive"]:
-                print(f"    {p:5.1f}%  {f}")
+            print(f"\npy-spy: {t.label}, c={c}: % of the event-loop thread's {prof['event_loop_samples']} "
+                  f"samples ({prof['other_thread_samples']} more in worker threads, e.g. the audit fsync)")
+            for title, key in (("by area", "buckets"), ("sidecar functions, inclusive", "sidecar_inclusive"),
+                               ("own time (leaf functions)", "own")):
+                print(f"  {title}:")
+                for f, p in prof[key]:
+                    print(f"    {p:5.1f}%  {f}")
 
     audit = tmp / "sidecar" / "audit.jsonl"
     results["audit_bytes"] = audit.stat().st_size if audit.exists() else None

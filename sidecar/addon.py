@@ -96,6 +96,9 @@ class SidecarAddon:
                 decision = Decision(corr, "", time.monotonic(), unavailable("sidecar is shutting down", 1))
             elif self.mode == "forward" and not self._is_upstream(flow):
                 decision = Decision(corr, "", time.monotonic(), deny("destination is not the EHR"))
+            elif self.mode == "transparent" and not flow.client_conn.tls_established and self.upstream[2] == "https":
+                # the app spoke plain HTTP to an HTTPS EHR address: never downgrade, never guess
+                decision = Decision(corr, "", time.monotonic(), deny("plain HTTP to the EHR refused"))
             else:
                 decision = await self._pipeline().decide(raw, corr, traceparent(raw))
             flow.metadata[META] = decision
@@ -170,6 +173,9 @@ class SidecarAddon:
             fields.append((b"content-length", str(len(req.raw_body)).encode()))
         r.headers = http.Headers(fields)
         r.method = req.method
+        if self.mode == "transparent":
+            # iptables sent us whatever the app addressed: the only place we ever connect is the EHR
+            r.scheme, r.host, r.port = scheme, host, port
         r.raw_content = req.raw_body
 
     def _rewrite_urls(self, flow: http.HTTPFlow) -> None:

@@ -282,8 +282,6 @@ def unsupported_features(cfg: Config) -> list[str]:
             out.append(f"client {c.id}: upstream_credentials (credential injection) is not available in this build")
     if cfg.policy.engine == "opa":
         out.append("policy.engine `opa` is not available in this build (use `embedded`)")
-    if cfg.listen.mode == "transparent":
-        out.append("listen.mode `transparent` is not available in this build")
     if cfg.listen.tls is not None:
         out.append("listen.tls is not available in this build")
     if cfg.vault is not None:

@@ -37,7 +37,7 @@ RESTART_KEYS = ("upstream", "listen", "admin", "audit")
 def apply_options(opts: options.Options, cfg: Config) -> None:
     """Set after the addons are added: their options do not exist before."""
     up, lis = cfg.upstream, cfg.listen
-    mode = "regular" if lis.mode == "forward" else f"reverse:{up.scheme}://{up.host}:{up.port}"
+    mode = {"forward": "regular", "transparent": "transparent"}.get(lis.mode, f"reverse:{up.scheme}://{up.host}:{up.port}")
     opts.update(
         mode=[mode],
         listen_host=lis.host,
