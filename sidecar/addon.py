@@ -160,7 +160,10 @@ class SidecarAddon:
         req = d.request
         assert req is not None
         r = flow.request
-        fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in req.headers.items()]
+        headers = dict(req.headers)
+        if d.prior is not None and d.prior.etag is not None:
+            headers["if-match"] = d.prior.etag  # nothing may change between the check and the write
+        fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         host, port, scheme = self.upstream
         default_port = 443 if scheme == "https" else 80
         fields.append((b"host", (host if port == default_port else f"{host}:{port}").encode()))

@@ -72,3 +72,8 @@ def check_valid(req: FhirRequest, cls: Classification) -> None:
         _validate(req.body)
     elif req.method in ("POST", "PUT"):
         raise bad_request("a write needs a body")
+
+
+def validate_result(resource: dict) -> None:
+    """A patch result is validated like a written resource."""
+    _validate(resource, "patch result: ")

@@ -21,10 +21,13 @@ from sidecar.identity import Identities, Principal
 from sidecar.killswitch import KillSwitch
 from sidecar.logs import get_logger
 from sidecar.parse import parse_request
+from sidecar.prior import Prior, PriorStateReader, apply_json_patch, check_if_match
 from sidecar.request import Classification, FhirRequest, RawRequest
 
 
 log = get_logger("sidecar.pipeline")
+# Interactions that read the stored version first (conditional forms address no single id).
+PRIOR_STATE = frozenset({"update", "patch", "delete"})
 
 
 class PolicyEngine(Protocol):
@@ -43,6 +46,7 @@ class Runtime:
     audit: AuditWriter
     pseudonym_key: bytes
     policy: PolicyEngine | None = None
+    prior: PriorStateReader | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class Decision:
     classification: Classification | None = None
     principal: Principal | None = None
     intent_seq: int | None = None
+    prior: Prior | None = None
 
     @property
     def forward(self) -> bool:
@@ -87,14 +92,34 @@ class Pipeline:
     def identify(self, req: FhirRequest, cls: Classification) -> Principal:
         return self.rt.identities.identify(req.credentials, public=cls.public)
 
-    async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> None:
+    async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> Prior | None:
         refusal = self.rt.killswitch.check(who.client_id, cls.is_write)
         if refusal is not None:
             raise refusal
         guards.check_scopes(cls, who)
         guards.check_valid(req, cls)
+        prior = await self.prior_state(req, cls, who)
         if self.rt.policy is not None and cls.is_write:
-            await self._policy(req, cls, who)
+            await self._policy(req, cls, who, prior)
+        return prior
+
+    async def prior_state(self, req: FhirRequest, cls: Classification, who: Principal) -> Prior | None:
+        """update/patch/delete of one resource: read `current`, check If-Match, patch it."""
+        t = req.target
+        if cls.interaction not in PRIOR_STATE or self.rt.prior is None or not t.resource_type or not t.id:
+            return None
+        prior = await self.rt.prior.read(t.resource_type, t.id, correlation_id=req.correlation_id,
+                                         authorization=req.credentials.get("authorization") if who.auth == "bearer" else None)
+        check_if_match(req.headers.get("if-match"), prior)
+        if cls.interaction == "patch":
+            if prior.current is None:
+                raise Refusal(404, "the resource to patch does not exist", "not-found")
+            if not isinstance(req.body, list):
+                raise Refusal(403, "FHIRPath Patch is not supported: use JSON Patch", "not-supported")
+            result = apply_json_patch(prior.current, req.body)
+            guards.validate_result(result)
+            prior = Prior(prior.current, prior.etag, result)
+        return prior
 
     async def audit(self, req: FhirRequest, cls: Classification, who: Principal, raw: RawRequest) -> int | None:
         """Writes: a durable `intent` before anything leaves. Reads: the sink must be healthy."""
@@ -123,12 +148,12 @@ class Pipeline:
             req = self.parse(raw, correlation, trace)
             cls = self.classify(req)
             who = self.identify(req, cls)
-            await self.guard(req, cls, who)
+            prior = await self.guard(req, cls, who)
             seq = await self.audit(req, cls, who, raw)
         except Refusal as refusal:
             await self._record_refusal(refusal, raw, req, cls, who, correlation)
             return Decision(correlation, trace, started, refusal, req, cls, who)
-        return Decision(correlation, trace, started, None, req, cls, who, seq)
+        return Decision(correlation, trace, started, None, req, cls, who, seq, prior)
 
     async def record_outcome(self, d: Decision, status: int | None, raw: RawRequest, outcome: str | None = None) -> None:
         """After the upstream answered (or failed): `outcome` for writes, `read` for reads."""
@@ -149,13 +174,15 @@ class Pipeline:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    async def _policy(self, req: FhirRequest, cls: Classification, who: Principal) -> None:
+    async def _policy(self, req: FhirRequest, cls: Classification, who: Principal, prior: Prior | None) -> None:
         from sidecar.policy.input import build_input  # the policy package is optional at import
 
         policy = self.rt.policy
         assert policy is not None
+        doc = build_input(req, cls, who, shadow=self.rt.cfg.policy.shadow,
+                          current=prior.current if prior else None, result=prior.result if prior else None)
         try:
-            decision = await policy.decide(build_input(req, cls, who, shadow=self.rt.cfg.policy.shadow))
+            decision = await policy.decide(doc)
         except Exception:
             raise unavailable("policy engine unavailable") from None
         allow = decision.get("allow")

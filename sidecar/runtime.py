@@ -6,6 +6,7 @@ Everything that can fail does so here, at start-up (or on reload, where the old 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from sidecar.identity import Identities
 from sidecar.killswitch import KillState, KillSwitch
 from sidecar.logs import get_logger
 from sidecar.pipeline import PolicyEngine, Runtime
+from sidecar.prior import PriorStateReader
 from sidecar.secretrefs import SecretError, resolve
 
 log = get_logger("sidecar.runtime")
@@ -108,7 +110,13 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
         loop.create_task(_admin_record(audit, reasons))
 
     ks = KillSwitch(ks_path, cfg.killswitch.scope, cfg.killswitch.retry_after_s, on_change=on_change)
+    verify: Any = True
+    if cfg.upstream.ca_bundle:
+        ca = Path(cfg.upstream.ca_bundle)
+        verify = ssl.create_default_context(cafile=str(ca if ca.is_absolute() else base_dir / ca))
+    prior = PriorStateReader(cfg.upstream.base_url, verify=verify, timeout_s=cfg.upstream.timeout_s)
     return Runtime(
+        prior=prior,
         cfg=cfg,
         identities=Identities(cfg, secrets["api_keys"]),
         killswitch=ks,

@@ -220,8 +220,9 @@ def test_method_override_is_classified_and_forwarded_as_that_method(sidecar, san
                            {"X-API-Key": WRITER_KEY, "X-HTTP-Method-Override": "DELETE"})
     assert status in (200, 204)
     log = sandbox.request_log()
-    assert [e["method"] for e in log] == ["DELETE"]
-    assert "x-http-method-override" not in log[0]["headers"]
+    assert [(e["method"], e["action"]) for e in log] == [("GET", "read"), ("DELETE", "delete")]  # prior state, then the write
+    assert "x-http-method-override" not in log[1]["headers"]
+    assert log[1]["headers"]["if-match"] == log[0].get("etag", 'W/"1"')
 
 
 def test_header_hygiene(sidecar, sandbox):
@@ -303,3 +304,39 @@ def test_shadow_client_forwards_and_logs_would_deny_but_scopes_still_enforced(si
                            wh(SHADOW_KEY))
     assert status == 403
     assert [e["action"] for e in sandbox.request_log()] == ["create"]
+
+
+def test_prior_state_update_forwards_if_match_of_the_version_read(sidecar, sandbox):
+    put = lambda body, **h: request(sidecar.port, "PUT", f"{BASE}/Observation/ps1", json.dumps(body).encode(), wh(**h))
+    assert put({**OBS, "id": "ps1"})[0] == 201  # creates (demo-writer has c)
+    assert put({**OBS, "id": "ps1", "status": "amended"})[0] == 200
+    sandbox.clear_log()
+    # a stale If-Match is answered 412 here: a stale update never becomes a lost update
+    status, _, data = put({**OBS, "id": "ps1", "status": "corrected"}, **{"If-Match": 'W/"1"'})
+    assert status == 412, data
+    assert [e["action"] for e in sandbox.request_log()] == ["read"]
+    sandbox.clear_log()
+    status, _, _ = put({**OBS, "id": "ps1", "status": "corrected"}, **{"If-Match": 'W/"2"'})
+    assert status == 200
+    log = sandbox.request_log()
+    assert [e["action"] for e in log] == ["read", "update"]
+    assert log[1]["headers"]["if-match"] == 'W/"2"'
+
+
+def test_json_patch_is_applied_to_current_and_the_result_validated(sidecar, sandbox):
+    assert request(sidecar.port, "PUT", f"{BASE}/Observation/pt1", json.dumps({**OBS, "id": "pt1"}).encode(), wh())[0] == 201
+    patch = lambda ops: request(sidecar.port, "PATCH", f"{BASE}/Observation/pt1", json.dumps(ops).encode(),
+                                wh(**{"Content-Type": "application/json-patch+json"}))
+    sandbox.clear_log()
+    assert patch([{"op": "replace", "path": "/status", "value": "amended"}])[0] == 200
+    assert [e["action"] for e in sandbox.request_log()] == ["read", "patch"]
+    sandbox.clear_log()
+    # the result would be invalid FHIR: refused before anything is written
+    assert patch([{"op": "remove", "path": "/code"}])[0] == 400
+    assert patch([{"op": "replace", "path": "/id", "value": "other"}])[0] == 422
+    assert patch([{"op": "replace", "path": "/nope/x", "value": 1}])[0] == 422
+    assert [e["action"] for e in sandbox.request_log()] == ["read", "read", "read"]
+    fhirpath = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+        {"name": "type", "valueCode": "delete"}, {"name": "path", "valueString": "Observation.subject"}]}]}
+    status, _, _ = request(sidecar.port, "PATCH", f"{BASE}/Observation/pt1", json.dumps(fhirpath).encode(), wh())
+    assert status == 403

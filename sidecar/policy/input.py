@@ -27,7 +27,9 @@ def _query(pairs: Any) -> dict[str, list[str]]:
 
 
 def build_input(req: FhirRequest, cls: Classification, who: Principal, *, shadow: bool,
-                approvals: list[str] | None = None, now: datetime | None = None) -> dict[str, Any]:
+                approvals: list[str] | None = None, now: datetime | None = None,
+                current: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`resource` is what will be stored: the body, or for a PATCH the patched `current`."""
     t = req.target
     doc: dict[str, Any] = {
         "client": {
@@ -41,8 +43,12 @@ def build_input(req: FhirRequest, cls: Classification, who: Principal, *, shadow
             "shadow": shadow, "approvals": approvals or [],
         },
     }
-    if isinstance(req.body, dict):
+    if result is not None:
+        doc["resource"] = result
+    elif isinstance(req.body, dict):
         doc["resource"] = req.body
+    if current is not None:
+        doc["current"] = current
     if cls.entries:
         doc["entries"] = [
             {"request": _request(e.method, e.target.path, e.interaction, e.target.resource_type, e.target.id,
