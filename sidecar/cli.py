@@ -80,6 +80,20 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return result.code
 
 
+def cmd_policy_eval(args: argparse.Namespace) -> int:
+    from sidecar.identity import Identities
+    from sidecar.policy.offline import evaluate_offline, load_request_file
+    from sidecar.runtime import load_policy, resolve_secrets
+
+    cfg, path = _load(args)
+    base = path.parent.resolve()
+    secrets = resolve_secrets(cfg, base, audit=False)
+    raw, current = load_request_file(Path(args.request))
+    out = asyncio.run(evaluate_offline(cfg, Identities(cfg, secrets["api_keys"]), load_policy(cfg, base), raw, current))
+    print(json.dumps(out, indent=2))
+    return 0 if out["decision"].get("allow") else 1
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from sidecar.sandbox import main as sandbox_main
 
@@ -131,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoints")
     v.add_argument("files", nargs="*")
     v.set_defaults(fn=cmd_audit_verify)
+
+    po = sub.add_parser("policy", help="policy tools")
+    po_sub = po.add_subparsers(dest="policy_command", required=True)
+    pe = po_sub.add_parser("eval", help="print the Rego input and the decision for one request (exit 0 allow, 1 deny)")
+    pe.add_argument("--config")
+    pe.add_argument("--request", required=True, help="JSON: {method, target, headers, body, current?}")
+    pe.set_defaults(fn=cmd_policy_eval)
 
     s = sub.add_parser("sandbox", help="the bundled sandbox EHR alone")
     s.add_argument("--port", type=int, default=8081)

@@ -27,7 +27,7 @@ MIN_AUDIT_KEY_CHARS = 32
 WARM_TYPES = ("Bundle", "Observation", "Patient", "Condition", "DocumentReference", "Parameters", "MedicationRequest")
 
 
-def resolve_secrets(cfg: Config, base_dir: Path) -> dict[str, Any]:
+def resolve_secrets(cfg: Config, base_dir: Path, *, audit: bool = True) -> dict[str, Any]:
     """All secret references the config holds, resolved. Raises ConfigError listing failures."""
     problems: list[str] = []
     out: dict[str, Any] = {"audit": {}, "api_keys": {}}
@@ -39,14 +39,14 @@ def resolve_secrets(cfg: Config, base_dir: Path) -> dict[str, Any]:
             problems.append(str(e))
             return None
 
-    refs, _active = cfg.audit.key_refs()
+    refs, _active = cfg.audit.key_refs() if audit else ({}, "")
     for kid, ref in refs.items():
         v = get(ref)
         if v is not None and len(v) < MIN_AUDIT_KEY_CHARS:
             problems.append(f"audit key {kid}: must be at least {MIN_AUDIT_KEY_CHARS} characters")
         elif v is not None:
             out["audit"][kid] = v.encode()
-    if cfg.audit.pseudonym_key:
+    if audit and cfg.audit.pseudonym_key:
         pk = get(cfg.audit.pseudonym_key)
         out["pseudonym"] = pk.encode() if pk else None
     for c in cfg.clients:

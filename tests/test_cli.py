@@ -104,3 +104,21 @@ def test_run_drains_in_flight_on_sigterm_and_audit_verifies(tmp_path):
         assert AUDIT_KEY not in out and WRITER_KEY not in out
     finally:
         sandbox.stop()
+
+
+def test_policy_eval_prints_input_and_decision(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    req = root / "examples" / "requests" / "create-observation.json"
+    r = cli("policy", "eval", "--config", str(root / "examples" / "demo.yaml"), "--request", str(req))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["input"]["request"]["interaction"] == "create" and out["decision"]["allow"] is True
+    spec = json.loads(req.read_text())
+    spec["target"] = "/fhir/R4/MedicationRequest"
+    spec["body"] = {"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+                    "subject": {"reference": "Patient/1"}, "medicationCodeableConcept": {"text": "x"}}
+    other = tmp_path / "r.json"
+    other.write_text(json.dumps(spec))
+    r = cli("policy", "eval", "--config", str(root / "examples" / "demo.yaml"), "--request", str(other))
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and out["decision"]["allow"] is False  # no scope on MedicationRequest
