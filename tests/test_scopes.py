@@ -235,3 +235,223 @@ def test_intersect_with_self_keeps_unqualified_grants(token: ScopeSet) -> None:
     eff = token.intersect(token)
     for rtype, letters, ctx in QUERIES:
         assert eff.grants(rtype, letters, contexts=(ctx,)) == token.grants(rtype, letters, contexts=(ctx,))
+
+
+# --- v2 qualifiers evaluated on a resource -----------------------------------------------------------
+
+OBS_CAT = "http://terminology.hl7.org/CodeSystem/observation-category"
+
+
+def observation(*, category: list | None = None, status: str | None = "final", code: dict | None = None) -> dict:
+    r: dict = {"resourceType": "Observation"}
+    if category is not None:
+        r["category"] = category
+    if status is not None:
+        r["status"] = status
+    if code is not None:
+        r["code"] = code
+    return r
+
+
+VITALS = observation(category=[{"coding": [{"system": OBS_CAT, "code": "vital-signs"}]}],
+                     code={"coding": [{"system": "http://loinc.org", "code": "8867-4"}]})
+NO_SYSTEM = observation(category=[{"coding": [{"code": "vital-signs"}]}])
+TWO_CATS = observation(category=[{"coding": [{"system": OBS_CAT, "code": "laboratory"}]},
+                                 {"text": "x", "coding": [{"system": "http://other", "code": "vital-signs"}]}])
+
+
+@pytest.mark.parametrize(
+    ("qualifier", "resource", "ok"),
+    [
+        ("category=vital-signs", VITALS, True),                                 # code, any system
+        (f"category={OBS_CAT}|vital-signs", VITALS, True),                      # system|code
+        (f"category={OBS_CAT}|", VITALS, True),                                 # system| (any code)
+        ("category=|vital-signs", VITALS, False),                               # |code: must have no system
+        ("category=|vital-signs", NO_SYSTEM, True),
+        (f"category={OBS_CAT}|vital-signs", NO_SYSTEM, False),
+        ("category=vital-signs", NO_SYSTEM, True),
+        ("category=laboratory", VITALS, False),                                 # mismatch
+        (f"category={OBS_CAT}|laboratory", VITALS, False),
+        ("category=http://other|", VITALS, False),
+        ("category=vital-signs", observation(), False),                         # missing element
+        ("category=vital-signs", observation(category=[{"text": "vital-signs"}]), False),  # text is not a code
+        ("category=vital-signs", observation(category=[{"coding": "junk"}]), False),      # malformed element
+        ("category=vital-signs", TWO_CATS, True),                               # any of the repeats
+        (f"category={OBS_CAT}|vital-signs", TWO_CATS, False),                   # system and code on ONE coding
+        ("category=laboratory,vital-signs", VITALS, True),                      # OR list
+        ("category=laboratory,survey", VITALS, False),
+        ("category=vital\\-signs", VITALS, False),                              # escapes: not evaluated
+        ("category=|", VITALS, False),                                          # neither system nor code
+        ("category=a|b|c", VITALS, False),
+        ("category=vital-signs,", VITALS, False),                               # empty alternative
+        ("code=http://loinc.org|8867-4", VITALS, True),
+        ("code=8867-4", observation(code={"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}), True),
+        ("status=final", VITALS, True),                                         # code-typed element
+        ("status=final,amended", observation(status="amended"), True),
+        ("status=final", observation(status="preliminary"), False),
+        ("status=final", observation(status=None), False),
+        ("status=http://hl7.org/fhir/observation-status|final", VITALS, False),  # implicit system: not evaluated
+        ("status=|final", VITALS, False),
+        ("category:not=laboratory", VITALS, False),                             # modifier -> no grant
+        ("category:text=vital", VITALS, False),
+        ("subject=Patient/1", VITALS, False),                                   # unknown qualifier param
+        ("value-quantity=1", VITALS, False),
+        ("subject.name=x", VITALS, False),                                      # chain
+        ("category=vital-signs&status=final", VITALS, True),                    # every qualifier must hold
+        ("category=vital-signs&status=amended", VITALS, False),
+        ("category=vital-signs&code=xyz", VITALS, False),
+        ("category=vital-signs&category=laboratory", VITALS, False),            # repeated param = AND
+        ("category=vital-signs&category=laboratory", TWO_CATS, True),                # both repeats present
+        ("category=laboratory&category=http://other|vital-signs", TWO_CATS, True),
+    ],
+)
+def test_qualifier_evaluation(qualifier: str, resource: dict, ok: bool) -> None:
+    ss = ScopeSet.from_strings(f"patient/Observation.cu?{qualifier}")
+    assert len(ss) == 1
+    assert ss.grants_resource("Observation", "cu", resource, contexts=("patient",)) is ok
+    assert ss.missing("Observation", "cu", contexts="patient", resource=resource) == (
+        frozenset() if ok else frozenset("cu"))
+    # without a resource a qualified scope never grants, whatever the resource would have said
+    assert not ss.grants("Observation", "c", contexts=("patient",))
+    assert not ss.grants_resource("Observation", "c", None, contexts=("patient",))
+    # a grant never leaks to another context
+    assert not ss.grants_resource("Observation", "c", resource, contexts=("system", "user"))
+
+
+@pytest.mark.parametrize(
+    ("rtype", "qualifier", "resource", "ok"),
+    [
+        ("DocumentReference", "type=http://loinc.org|34133-9",
+         {"resourceType": "DocumentReference", "type": {"coding": [{"system": "http://loinc.org", "code": "34133-9"}]}},
+         True),
+        ("DocumentReference", "category=clinical-note",
+         {"resourceType": "DocumentReference", "category": [{"coding": [{"code": "clinical-note"}]}]}, True),
+        ("Condition", "category=problem-list-item",
+         {"resourceType": "Condition", "category": [{"coding": [{"code": "encounter-diagnosis"}]}]}, False),
+        ("Encounter", "type=X", {"resourceType": "Encounter", "type": [{"coding": [{"code": "X"}]}]}, True),
+        ("Encounter", "category=X", {"resourceType": "Encounter", "type": [{"coding": [{"code": "X"}]}]}, False),
+        ("MedicationRequest", "code=rx1",
+         {"resourceType": "MedicationRequest", "medicationCodeableConcept": {"coding": [{"code": "rx1"}]}}, True),
+        ("MedicationRequest", "code=rx1",
+         {"resourceType": "MedicationRequest", "medicationReference": {"reference": "Medication/rx1"}}, False),
+        ("AllergyIntolerance", "code=peanut",
+         {"resourceType": "AllergyIntolerance", "reaction": [{"substance": {"coding": [{"code": "peanut"}]}}]}, True),
+        ("AllergyIntolerance", "category=food", {"resourceType": "AllergyIntolerance", "category": ["food"]}, True),
+        ("Practitioner", "status=active", {"resourceType": "Practitioner", "status": "active"}, False),  # no mapping
+        ("Observation", "category=x",
+         {"resourceType": "Condition", "category": [{"coding": [{"code": "x"}]}]}, False),  # type mismatch
+    ],
+)
+def test_qualifier_table_by_type(rtype: str, qualifier: str, resource: dict, ok: bool) -> None:
+    ss = ScopeSet.from_strings(f"system/{rtype}.c?{qualifier}")
+    assert ss.grants_resource(rtype, "c", resource) is ok
+
+
+def test_qualifier_table_only_supported_params() -> None:
+    from sidecar.scopes import QUALIFIER_ELEMENTS
+    assert {p for _, p in QUALIFIER_ELEMENTS} <= {"category", "code", "status", "type"}
+    assert {k for _, k in QUALIFIER_ELEMENTS.values()} <= {"CodeableConcept", "Coding", "code"}
+
+
+def test_coding_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sidecar.scopes as scopes
+    monkeypatch.setitem(scopes.QUALIFIER_ELEMENTS, ("Encounter", "type"), (("class",), "Coding"))
+    enc = {"resourceType": "Encounter", "class": {"system": "http://v3", "code": "AMB"}}
+    for q, ok in [("AMB", True), ("http://v3|AMB", True), ("http://v3|", True), ("|AMB", False), ("IMP", False)]:
+        assert ScopeSet.from_strings(f"system/Encounter.u?type={q}").grants_resource("Encounter", "u", enc) is ok, q
+
+
+def test_wildcard_type_qualified_scope_uses_the_concrete_type() -> None:
+    ss = ScopeSet.from_strings("system/*.c?status=final")
+    assert ss.grants_resource("Observation", "c", VITALS)
+    assert not ss.grants_resource("Observation", "c", observation(status="amended"))
+    assert not ss.grants_resource("Patient", "c", {"resourceType": "Patient", "status": "final"})  # no mapping
+    assert not ss.grants_resource("*", "c", VITALS)  # a system-wide requirement is never qualified
+
+
+def test_letters_split_across_qualified_and_unqualified_scopes() -> None:
+    ss = ScopeSet.from_strings("patient/Observation.c?category=vital-signs patient/Observation.u?status=final "
+                               "patient/Observation.r")
+    assert ss.grants_resource("Observation", "cru", VITALS, contexts="patient")
+    assert not ss.grants_resource("Observation", "cru", observation(status="final"), contexts="patient")
+    assert ss.missing("Observation", "cru", contexts="patient", resource=observation(status="final")) == {"c"}
+    assert ss.missing("Observation", "cru", contexts="patient") == {"c", "u"}
+
+
+def test_write_checks_result_and_current_independently() -> None:
+    # the docstring contract: an update is granted only if BOTH the result and `current` satisfy it
+    ss = ScopeSet.from_strings("patient/Observation.u?category=vital-signs")
+    lab = observation(category=[{"coding": [{"system": OBS_CAT, "code": "laboratory"}]}])
+    assert ss.grants_resource("Observation", "u", VITALS, contexts="patient")
+    assert not ss.grants_resource("Observation", "u", lab, contexts="patient")  # current=lab -> refuse the move
+
+
+@pytest.mark.parametrize(
+    ("scopes", "resource", "expected", "best", "best_without_system"),
+    [
+        ("system/Observation.cu patient/Observation.cu", None, {"system", "patient"}, "system", "patient"),
+        ("user/Observation.cu patient/Observation.cu", None, {"user", "patient"}, "user", "user"),
+        ("patient/Observation.c system/Observation.u", None, set(), None, None),   # never assembled across
+        ("patient/Observation.cu?category=vital-signs", VITALS, {"patient"}, "patient", "patient"),
+        ("patient/Observation.cu?category=vital-signs", None, set(), None, None),
+        ("system/Observation.cu?category=laboratory patient/Observation.cu", VITALS, {"patient"}, "patient",
+         "patient"),
+        ("system/*.cruds", None, {"system"}, "system", None),
+        ("", None, set(), None, None),
+    ],
+)
+def test_contexts_for_and_best_context(scopes: str, resource: dict | None, expected: set, best: str | None,
+                                       best_without_system: str | None) -> None:
+    ss = ScopeSet.from_strings(scopes)
+    assert ss.contexts_for("Observation", "cu", resource) == expected
+    assert ss.best_context("Observation", "cu", resource) == best
+    assert ss.best_context("Observation", "cu", resource, available=("user", "patient")) == best_without_system
+    assert ss.best_context("Observation", "cu", resource, available=()) is None
+
+
+def test_contexts_for_empty_letters_is_every_context() -> None:
+    assert ScopeSet(()).contexts_for("Patient", "") == frozenset({"patient", "user", "system"})
+
+
+def test_v1_scopes_unaffected_by_resources() -> None:
+    ss = ScopeSet.from_strings("patient/Observation.write user/Condition.read")
+    assert ss.grants_resource("Observation", "cud", VITALS, contexts="patient")
+    assert ss.grants_resource("Observation", "cud", {"resourceType": "Observation"}, contexts="patient")
+    assert ss.grants_resource("Observation", "cud", None, contexts="patient")
+    assert not ss.grants_resource("Observation", "r", VITALS, contexts="patient")
+    assert ss.grants_resource("Condition", "rs", None, contexts="user")
+
+
+RESOURCES = [
+    VITALS, NO_SYSTEM, TWO_CATS, observation(), observation(status="amended"),
+    observation(category=[{"coding": [{"code": "lab"}]}], code={"coding": [{"code": "x"}]}),
+    observation(category=[{"coding": [{"code": "lab"}]}], code={"coding": [{"code": "x"}]}, status="amended"),
+]
+qualified_scope_st = st.builds(
+    lambda ctx, t, letters, q: Scope(ctx, t, frozenset(letters), q, "generated"),
+    st.sampled_from(CTXS),
+    st.sampled_from(TYPES),
+    st.sets(st.sampled_from(LETTERS), min_size=1),
+    st.sampled_from([(), (("category", "lab"),), (("code", "x"), ("status", "final")), (("status", "final"),),
+                     (("category", "vital-signs"),), (("category:not", "lab"),)]),
+)
+qualified_sets = st.lists(qualified_scope_st, max_size=6).map(ScopeSet)
+
+
+@settings(max_examples=150, deadline=None)
+@given(token=qualified_sets, ceiling=qualified_sets)
+def test_intersection_never_widens_on_resources(token: ScopeSet, ceiling: ScopeSet) -> None:
+    eff = token.intersect(ceiling)
+    for resource in RESOURCES:
+        for ls in LETTER_SETS:
+            if not ls:
+                continue
+            for ctx in CTXS:
+                got = eff.grants_resource("Observation", ls, resource, contexts=(ctx,))
+                if got:
+                    assert token.grants_resource("Observation", ls, resource, contexts=(ctx,))
+                    assert ceiling.grants_resource("Observation", ls, resource, contexts=(ctx,))
+                assert got == ceiling.intersect(token).grants_resource("Observation", ls, resource, contexts=(ctx,))
+                # a resource can only add grants to the resource-free answer, never remove them
+                if eff.grants("Observation", ls, contexts=(ctx,)):
+                    assert got
