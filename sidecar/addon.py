@@ -161,6 +161,9 @@ class SidecarAddon:
         assert req is not None
         r = flow.request
         headers = dict(req.headers)
+        if d.principal is not None and d.principal.auth == "bearer" and "authorization" in req.credentials:
+            # a SMART app keeps its own verified token, so the EHR enforces what it reads too
+            headers["authorization"] = req.credentials["authorization"]
         if d.prior is not None and d.prior.etag is not None:
             headers["if-match"] = d.prior.etag  # nothing may change between the check and the write
         fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]

@@ -261,6 +261,10 @@ class Config(_Model):
         singles = [c for c in self.clients if c.auth == "single"]
         if singles and (len(self.clients) > 1 or not self.listen.is_loopback):
             raise ValueError("auth `single` is the one app in the pod: it must be the only client, on a loopback listener")
+        if any(c.auth == "bearer" for c in self.clients):
+            idn = self.identity
+            if not (idn.jwks and idn.issuer and idn.audience) and idn.introspection is None:
+                raise ValueError("bearer clients need identity.jwks with issuer and audience, or identity.introspection")
         if self.listen.tls is None and not self.listen.is_loopback and self.listen.mode == "reverse":
             raise ValueError("listen.tls is required when the listener is not on loopback")
         return self
@@ -276,8 +280,8 @@ def unsupported_features(cfg: Config) -> list[str]:
     """Parts of the contract this build does not implement yet: refused at start, never ignored."""
     out: list[str] = []
     for c in cfg.clients:
-        if c.auth in ("bearer", "mtls"):
-            out.append(f"client {c.id}: auth `{c.auth}` is not available in this build")
+        if c.auth == "mtls":
+            out.append(f"client {c.id}: auth `mtls` is not available in this build")
         if c.upstream_credentials is not None:
             out.append(f"client {c.id}: upstream_credentials (credential injection) is not available in this build")
     if cfg.policy.engine == "opa":

@@ -20,6 +20,8 @@ def check_scopes(cls: Classification, who: Principal) -> None:
         return
     for i, req in enumerate(cls.requires):
         missing = who.scopes.missing(req.resource_type, req.letters, contexts=who.contexts)
+        if missing and cls.is_write and _qualified_may_grant(who, req.resource_type, missing):
+            continue  # decided on the concrete resource (and `current`) once prior state is read
         if missing:
             letters = "".join(sorted(missing, key="cruds".index))
             where = "any type" if req.resource_type == "*" else req.resource_type
@@ -29,6 +31,15 @@ def check_scopes(cls: Classification, who: Principal) -> None:
             raise deny(f"write operation {op} is not enabled for this client")
     if cls.conditional and not who.conditional_writes:
         raise deny("conditional writes are not enabled for this client")
+
+
+def _qualified_may_grant(who: Principal, rtype: str, letters: frozenset[str]) -> bool:
+    """A qualified scope of this type may grant these letters, depending on the resource."""
+    for letter in letters:
+        if not any(sc.qualifiers and sc.context in who.contexts and letter in sc.letters
+                   and sc.resource_type in (rtype, "*") for sc in who.scopes):
+            return False
+    return True
 
 
 def _validate(resource: object, where: str = "") -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sidecar.config import Client, Config
 from sidecar.errors import unauthenticated
 from sidecar.scopes import ScopeSet
+from sidecar.tokens import InvalidToken, TokenVerifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,9 @@ def principal_for(client: Client) -> Principal:
 class Identities:
     """The client registry, built once per config load (api-key hashes already resolved)."""
 
-    def __init__(self, cfg: Config, api_key_hashes: dict[str, str]) -> None:
+    def __init__(self, cfg: Config, api_key_hashes: dict[str, str], tokens: TokenVerifier | None = None) -> None:
+        self._tokens = tokens
+        self._bearer = {c.id: c for c in cfg.clients if c.auth == "bearer"}
         self._api_keys: list[tuple[bytes, Principal]] = []
         self._single: Principal | None = None
         for c in cfg.clients:
@@ -58,15 +61,14 @@ class Identities:
             elif c.auth == "single":
                 self._single = principal_for(c)
 
-    def identify(self, headers: dict[str, str], *, public: bool) -> Principal:
+    async def identify(self, headers: dict[str, str], *, public: bool) -> Principal:
         """`headers`: the request's single-valued headers (duplicates were refused by parse)."""
         api_key = headers.get("x-api-key")
         authorization = headers.get("authorization")
         if api_key is not None and authorization is not None:
             raise unauthenticated("two different credentials in one request", token_sent=True)
         if authorization is not None:
-            # No bearer clients in this build: a token we cannot verify is refused, not passed on.
-            raise unauthenticated("the token cannot be verified", token_sent=True)
+            return await self._bearer_principal(authorization)
         if api_key is not None:
             digest = hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).digest()
             found: list[Principal] = []
@@ -82,3 +84,25 @@ class Identities:
         if public:
             return ANONYMOUS
         raise unauthenticated("no credentials")
+
+    async def _bearer_principal(self, authorization: str) -> Principal:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or self._tokens is None:
+            # a credential we cannot verify is refused, never passed on
+            raise unauthenticated("the token cannot be verified", token_sent=True)
+        try:
+            claims = await self._tokens.verify(token.strip())
+        except InvalidToken as e:
+            raise unauthenticated(e.reason, token_sent=True) from None
+        client = self._bearer.get(claims.client_id)
+        if client is None:
+            raise unauthenticated("token names no configured bearer client", token_sent=True)
+        base = principal_for(client)
+        # a token never widens the client's configured ceiling
+        scopes = ScopeSet.from_strings(claims.scopes).intersect(base.scopes)
+        contexts = ["system"]
+        if claims.fhir_user:
+            contexts.append("user")
+        if claims.patient:
+            contexts.append("patient")
+        return replace(base, scopes=scopes, contexts=tuple(contexts), user=claims.fhir_user, patient=claims.patient)

@@ -16,6 +16,7 @@ from sidecar.audit.record import pseudonym
 from sidecar.audit.writer import AuditUnavailable, AuditWriter
 from sidecar.classify import classify
 from sidecar.config import Config
+from sidecar.context_guard import check_context
 from sidecar.errors import Refusal, unavailable
 from sidecar.identity import Identities, Principal
 from sidecar.killswitch import KillSwitch
@@ -60,6 +61,7 @@ class Decision:
     principal: Principal | None = None
     intent_seq: int | None = None
     prior: Prior | None = None
+    confine_patient: bool = False   # a patient-context read: the response body is checked too
 
     @property
     def forward(self) -> bool:
@@ -89,19 +91,20 @@ class Pipeline:
     def classify(self, req: FhirRequest) -> Classification:
         return classify(req, upstream_base=self._upstream_base)
 
-    def identify(self, req: FhirRequest, cls: Classification) -> Principal:
-        return self.rt.identities.identify(req.credentials, public=cls.public)
+    async def identify(self, req: FhirRequest, cls: Classification) -> Principal:
+        return await self.rt.identities.identify(req.credentials, public=cls.public)
 
-    async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> Prior | None:
+    async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> tuple[Prior | None, bool]:
         refusal = self.rt.killswitch.check(who.client_id, cls.is_write)
         if refusal is not None:
             raise refusal
         guards.check_scopes(cls, who)
         guards.check_valid(req, cls)
         prior = await self.prior_state(req, cls, who)
+        confine = check_context(req, cls, who, prior, self._upstream_base)
         if self.rt.policy is not None and cls.is_write:
             await self._policy(req, cls, who, prior)
-        return prior
+        return prior, confine
 
     async def prior_state(self, req: FhirRequest, cls: Classification, who: Principal) -> Prior | None:
         """update/patch/delete of one resource: read `current`, check If-Match, patch it."""
@@ -147,13 +150,13 @@ class Pipeline:
         try:
             req = self.parse(raw, correlation, trace)
             cls = self.classify(req)
-            who = self.identify(req, cls)
-            prior = await self.guard(req, cls, who)
+            who = await self.identify(req, cls)
+            prior, confine = await self.guard(req, cls, who)
             seq = await self.audit(req, cls, who, raw)
         except Refusal as refusal:
             await self._record_refusal(refusal, raw, req, cls, who, correlation)
             return Decision(correlation, trace, started, refusal, req, cls, who)
-        return Decision(correlation, trace, started, None, req, cls, who, seq, prior)
+        return Decision(correlation, trace, started, None, req, cls, who, seq, prior, confine)
 
     async def record_outcome(self, d: Decision, status: int | None, raw: RawRequest, outcome: str | None = None) -> None:
         """After the upstream answered (or failed): `outcome` for writes, `read` for reads."""

@@ -20,6 +20,7 @@ from sidecar.logs import get_logger
 from sidecar.pipeline import PolicyEngine, Runtime
 from sidecar.prior import PriorStateReader
 from sidecar.secretrefs import SecretError, resolve
+from sidecar.tokens import IntrospectionSettings, TokenVerifier
 
 log = get_logger("sidecar.runtime")
 MIN_AUDIT_KEY_CHARS = 32
@@ -49,6 +50,8 @@ def resolve_secrets(cfg: Config, base_dir: Path, *, audit: bool = True) -> dict[
     if audit and cfg.audit.pseudonym_key:
         pk = get(cfg.audit.pseudonym_key)
         out["pseudonym"] = pk.encode() if pk else None
+    if cfg.identity.introspection is not None:
+        out["introspection"] = get(cfg.identity.introspection.client_secret)
     for c in cfg.clients:
         if c.auth == "api-key" and c.api_key_sha256:
             h = c.api_key_sha256
@@ -115,15 +118,29 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
         ca = Path(cfg.upstream.ca_bundle)
         verify = ssl.create_default_context(cafile=str(ca if ca.is_absolute() else base_dir / ca))
     prior = PriorStateReader(cfg.upstream.base_url, verify=verify, timeout_s=cfg.upstream.timeout_s)
+    tokens = await start_token_verifier(cfg, base_dir, secrets)
     return Runtime(
         prior=prior,
         cfg=cfg,
-        identities=Identities(cfg, secrets["api_keys"]),
+        identities=Identities(cfg, secrets["api_keys"], tokens),
         killswitch=ks,
         audit=audit,
         pseudonym_key=derive_key(pseudo_secret, "pseudonym"),
         policy=policy,
     )
+
+
+async def start_token_verifier(cfg: Config, base_dir: Path, secrets: dict[str, Any]) -> TokenVerifier | None:
+    if not any(c.auth == "bearer" for c in cfg.clients):
+        return None
+    idn = cfg.identity
+    intro = None
+    if idn.introspection is not None:
+        intro = IntrospectionSettings(idn.introspection.url, idn.introspection.client_id, secrets["introspection"])
+    verifier = TokenVerifier(jwks=idn.jwks, issuer=idn.issuer, audience=idn.audience, introspection=intro,
+                             base_dir=base_dir)
+    await verifier.start()
+    return verifier
 
 
 async def _admin_record(audit: AuditWriter, reasons: list[str]) -> None:

@@ -15,8 +15,9 @@ async def write_log(path: Path, n: int, *, key_id: str = "k1", chain: str = "mai
                     checkpoint_every: int = 1000) -> list[dict]:
     """n caller records (+ the closing checkpoint); returns the shipped checkpoints."""
     shipped: list[dict] = []
+    # unknown_scan_records=0: these logs are intents only, and tests count lines exactly
     w = AuditWriter(path, SECRETS, key_id, chain, checkpoint_every=checkpoint_every,
-                    on_checkpoint=shipped.append)
+                    on_checkpoint=shipped.append, unknown_scan_records=0)
     await w.start()
     for i in range(n):
         await w.append({"kind": "intent", "correlation_id": f"c{i}", "method": "PUT",
@@ -124,7 +125,9 @@ async def test_key_rotation_verifies(tmp_path: Path) -> None:
     await write_log(path, 3, key_id="k1")
     await write_log(path, 3, key_id="k2")
     key_ids = [json.loads(x)["key_id"] for x in path.read_bytes().splitlines()]
-    assert key_ids == ["k1"] * 4 + ["k2"] * 4
+    assert key_ids == ["k1"] * 4 + ["k2"] * 5          # + the admin key-rotation record
+    admin = json.loads(path.read_bytes().splitlines()[4])
+    assert admin["kind"] == "admin" and admin["reasons"] == ["key-rotation", "previous key_id k1"]
     assert verify_files([str(path)], SECRETS).code == 0
     result = verify_files([str(path)], {"k2": SECRETS["k2"]})   # retired key missing
     assert (result.code, result.first_bad_seq) == (1, 1) and "unknown key id" in result.message

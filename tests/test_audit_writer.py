@@ -87,7 +87,7 @@ async def test_chain_continues_across_restart(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     w = await make(path)
     for i in range(3):
-        await w.append({"kind": "intent", "correlation_id": f"c{i}"})
+        await w.append({"kind": "read", "correlation_id": f"c{i}"})
     await w.close()                                   # + checkpoint record, seq 4
     tip = lines(path)[-1]
     assert tip["kind"] == "checkpoint" and tip["checkpoint_seq"] == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -22,6 +23,7 @@ def config(*clients: dict):
     return parse_config({
         "upstream": {"url": "https://ehr.example.org/fhir/R4"},
         "audit": {"key": "env:FHIR_SIDECAR_AUDIT_KEY"},
+        "identity": {"jwks": "file:jwks.json", "issuer": "https://auth.example.org", "audience": "https://ehr.example.org/fhir/R4"},
         "clients": list(clients),
     })
 
@@ -49,7 +51,7 @@ def single() -> Identities:
 
 def refused(identities: Identities, headers: dict, public: bool = False) -> Refusal:
     with pytest.raises(Refusal) as info:
-        identities.identify(headers, public=public)
+        asyncio.run(identities.identify(headers, public=public))
     return info.value
 
 
@@ -69,20 +71,20 @@ def challenge(r: Refusal) -> str:
     ],
 )
 def test_identified(ids: Identities, headers: dict, public: bool, client_id: str | None) -> None:
-    assert ids.identify(headers, public=public).client_id == client_id
+    assert asyncio.run(ids.identify(headers, public=public)).client_id == client_id
 
 
 def test_principal_carries_the_client_settings(ids: Identities) -> None:
-    p = ids.identify({"x-api-key": WRITER_KEY}, public=False)
+    p = asyncio.run(ids.identify({"x-api-key": WRITER_KEY}, public=False))
     assert (p.auth, p.tenant, p.enforce, p.operations, p.conditional_writes, p.contexts) == (
         "api-key", "clinic-a", True, frozenset({"$merge"}), True, ("system",))
     assert p.scopes.grants("Observation", "cu") and not p.scopes.grants("Observation", "d")
-    r = ids.identify({"x-api-key": READER_KEY}, public=False)
+    r = asyncio.run(ids.identify({"x-api-key": READER_KEY}, public=False))
     assert (r.enforce, r.operations, r.conditional_writes) == (False, frozenset(), False)
 
 
 def test_anonymous_only_for_public(ids: Identities) -> None:
-    p = ids.identify({}, public=True)
+    p = asyncio.run(ids.identify({}, public=True))
     assert p is ANONYMOUS and p.client_id is None and len(p.scopes) == 0
 
 
@@ -127,7 +129,7 @@ def test_refused(ids: Identities, headers: dict, public: bool, reason: str, toke
     ],
 )
 def test_single_client(single: Identities, headers: dict, public: bool, expected: str) -> None:
-    p = single.identify(headers, public=public)
+    p = asyncio.run(single.identify(headers, public=public))
     assert (p.client_id, p.auth) == (expected, "single")
     assert p.scopes.grants("Observation", "crus")
 
@@ -161,7 +163,7 @@ def test_a_key_shared_by_two_clients_identifies_neither() -> None:
 
 
 def test_principal_is_immutable(ids: Identities) -> None:
-    p = ids.identify({"x-api-key": WRITER_KEY}, public=False)
+    p = asyncio.run(ids.identify({"x-api-key": WRITER_KEY}, public=False))
     assert isinstance(p, Principal)
     with pytest.raises(AttributeError):
         p.client_id = "other"  # type: ignore[misc]

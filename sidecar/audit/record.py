@@ -55,6 +55,10 @@ _NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
 
+class AuditUnavailable(Exception):
+    """The sink cannot record: callers answer 503 and forward nothing."""
+
+
 # --------------------------------------------------------------------- keys
 
 def derive_key(secret: bytes, purpose: str) -> bytes:
@@ -71,6 +75,35 @@ def pseudonym(key: bytes, kind: str, value: str) -> str:
     types (e.g. Patient/1 vs Observation/1) do not collide or link."""
     mac = hmac.new(key, kind.encode("utf-8") + b"\0" + value.encode("utf-8"), hashlib.sha256)
     return PSEUDONYM_PREFIX + mac.hexdigest()[:32]
+
+
+# `pseudonymize` is the name the issue uses; same function. Usage:
+#   key = derive_key(pseudonym_secret, "pseudonym")     # once, at start-up
+#   {"resource_id": pseudonymize(key, "resource", "Observation/9"),
+#    "patient": pseudonymize(key, "patient", "123"),  # the token's `patient` claim
+#    "user": audit_user(key, "Practitioner/7")}          # fhirUser: see audit_user
+# The same key + kind + value always gives the same pseudonym, so an auditor
+# holding the key can answer "what did we write for patient 123?" by computing
+# pseudonymize(key, "patient", "123") and running `audit show` on it, while the
+# file alone links records without naming anyone.
+pseudonymize = pseudonym
+
+# fhirUser types that name staff or systems, kept readable so an auditor sees who acted.
+STAFF_USER_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Device"})
+_USER_REF = re.compile(r"(?:.*/)?([A-Z][A-Za-z]{1,63})/([A-Za-z0-9.-]{1,64})")
+
+
+def audit_user(key: bytes, fhir_user: str | None) -> str | None:
+    """The `user` field for a fhirUser claim. Staff references stay readable
+    (`Practitioner/7`, also from an absolute URL); a Patient, RelatedPerson or
+    Person - or any shape we do not recognise - becomes a pseudonym, because
+    then the user *is* the patient and the id is PHI."""
+    if not fhir_user:
+        return None
+    m = _USER_REF.fullmatch(fhir_user)
+    if m and m.group(1) in STAFF_USER_TYPES:
+        return f"{m.group(1)}/{m.group(2)}"
+    return pseudonym(key, "user", fhir_user)
 
 
 def check_name(what: str, value: object) -> str:

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .checkpoints import parse_checkpoint_line
 from .record import HMAC_PURPOSE, ZERO_HASH, check_record, derive_key, hash_ok, loads_line
 
 INTACT, TAMPERED, TORN = 0, 1, 2
@@ -135,8 +136,10 @@ class _Verifier:
 
 def _load_checkpoints(path: str) -> dict[str, dict[int, str]]:
     """chain -> seq -> hash, from checkpoint records (their own seq/hash and the
-    checkpoint_seq/checkpoint_hash they cover). Any line lacking them is an error:
-    an unusable off-host copy must not read as 'intact'."""
+    checkpoint_seq/checkpoint_hash they cover) among the log lines of `path`.
+    Other lines are skipped; a checkpoint lacking those fields, an unreadable
+    one, or a file without any is an error: an unusable off-host copy must not
+    read as 'intact'."""
     wanted: dict[str, dict[int, str]] = {}
 
     def add(chain: Any, seq: Any, digest: Any, lineno: int) -> None:
@@ -149,15 +152,17 @@ def _load_checkpoints(path: str) -> dict[str, dict[int, str]]:
 
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             try:
-                cp = loads_line(raw.strip())
+                cp = parse_checkpoint_line(raw)
             except ValueError:
                 raise _Tampered(None, None, f"{path}:{lineno}: unparseable checkpoint") from None
+            if cp is None:
+                continue
             add(cp.get("chain"), cp.get("seq"), cp.get("hash"), lineno)
             if "checkpoint_seq" in cp or "checkpoint_hash" in cp:
                 add(cp.get("chain"), cp.get("checkpoint_seq"), cp.get("checkpoint_hash"), lineno)
+    if not wanted:
+        raise _Tampered(None, None, f"{path}: no checkpoint records found")
     return wanted
 
 

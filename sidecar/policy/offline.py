@@ -39,7 +39,7 @@ async def evaluate_offline(cfg: Config, identities: Identities, policy: PolicyEn
         req = parse_request(raw, base_path=up.base_path, max_body_bytes=cfg.fhir.max_body_bytes,
                             upstream_base=up.base_url)
         cls = classify(req, upstream_base=up.base_url)
-        who = identities.identify(req.credentials, public=cls.public)
+        who = await identities.identify(req.credentials, public=cls.public)
         guards.check_scopes(cls, who)
         guards.check_valid(req, cls)
         result = apply_json_patch(current, req.body) if (current and isinstance(req.body, list)) else None
