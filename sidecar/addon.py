@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Callable
 
 from mitmproxy import http
 
+from sidecar.context_guard import read_body_confined
 from sidecar.errors import Refusal, deny, outcome_body, unavailable
 from sidecar.logs import get_logger
 from sidecar.parse import correlation_id, traceparent
@@ -120,6 +122,15 @@ class SidecarAddon:
             if resp is None:
                 return
             corr = d.correlation_id if d else flow.metadata.get(META + ".corr", "")
+            if d is not None and d.forward and d.confine_patient and d.principal is not None:
+                # a read under patient/ scopes: the answer must belong to the context patient
+                ok = resp.status_code != 200 or (
+                    "content-encoding" not in resp.headers
+                    and read_body_confined(resp.raw_content or b"", d.principal, self.upstream_base))
+                if not ok:
+                    flow.response = resp = refusal_response(deny("patient context: the resource belongs to another patient"), corr)
+                    d = replace(d, refusal=deny("patient context: the resource belongs to another patient"))
+                    flow.metadata[META] = d
             if d is not None and d.forward:
                 if corr:
                     resp.headers["x-correlation-id"] = corr

@@ -116,3 +116,27 @@ def _check_entry(e: Entry, who: Principal, upstream_base: str, fullurls: dict[st
             _check_resources(who, rq, [e.resource], e.interaction, rtype, rid, fullurls, upstream_base)
         elif _check_without_resource(who, rq, e.interaction, e.target, e.target.query):
             raise deny("patient context: this entry cannot be checked against the patient")
+
+
+def read_body_confined(body: bytes, who: Principal, upstream_base: str) -> bool:
+    """A patient-context read: every resource in the answer must belong to the context patient."""
+    import json
+
+    if who.patient is None:
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    resources = [doc]
+    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+        resources = [e.get("resource") for e in doc.get("entry") or [] if isinstance(e, dict) and e.get("resource")]
+    for r in resources:
+        if not isinstance(r, dict):
+            return False
+        try:
+            check_patient_context(r, who.patient, resource_type=str(r.get("resourceType")), resource_id=r.get("id"),
+                                  upstream_base=upstream_base)
+        except CompartmentViolation:
+            return False
+    return True
