@@ -9,6 +9,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/fhir-sidecar demo
 
 test: $(VENV)/.installed-test
+	./scripts/system-deps.sh
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: $(VENV)/.installed
