@@ -17,6 +17,7 @@ from mitmproxy import http
 
 from sidecar.context_guard import read_body_confined
 from sidecar.errors import Refusal, deny, outcome_body, unavailable
+from sidecar.idempotency import Receipt
 from sidecar.logs import get_logger
 from sidecar.parse import correlation_id, traceparent
 from sidecar.pipeline import Decision, Pipeline
@@ -31,6 +32,13 @@ def refusal_response(refusal: Refusal, correlation: str) -> http.Response:
     headers = [(b"content-type", b"application/fhir+json"), (b"x-correlation-id", correlation.encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers]
     return http.Response.make(refusal.status, outcome_body(refusal, correlation), headers)
+
+
+def replay_response(receipt: Receipt, correlation: str) -> http.Response:
+    """A repeated write answered from its receipt: the original status, nothing forwarded."""
+    headers = [(k.lower().encode(), v.encode("latin-1")) for k, v in receipt.response_headers()]
+    headers.append((b"x-correlation-id", correlation.encode()))
+    return http.Response.make(receipt.status, receipt.body or b"", headers)
 
 
 def raw_request(flow: http.HTTPFlow, mode: str) -> RawRequest:
@@ -107,6 +115,9 @@ class SidecarAddon:
             if decision.refusal is not None:
                 flow.response = refusal_response(decision.refusal, corr)
                 return
+            if decision.replay is not None:
+                flow.response = replay_response(decision.replay, corr)
+                return
             self._prepare_upstream(flow, decision)
             flow.response = None  # the one way out that forwards
         except BaseException as e:
@@ -136,7 +147,10 @@ class SidecarAddon:
                     resp.headers["x-correlation-id"] = corr
                 if self.mode == "reverse":
                     self._rewrite_urls(flow)
-                await self._pipeline().record_outcome(d, resp.status_code, raw_request(flow, self.mode))
+                await self._pipeline().finish(
+                    d, resp.status_code, raw_request(flow, self.mode),
+                    headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
+                    body=resp.raw_content or b"")
             self._log(d, resp.status_code)
         except Exception as e:
             # The request already went upstream: the app gets the upstream's true answer (a false
@@ -149,7 +163,7 @@ class SidecarAddon:
         try:
             d: Decision | None = flow.metadata.get(META)
             if d is not None and d.forward:
-                await self._pipeline().record_outcome(d, None, raw_request(flow, self.mode), outcome="unknown")
+                await self._pipeline().finish(d, None, raw_request(flow, self.mode), outcome="unknown")
                 self._log(d, 502)
         except Exception as e:
             log.error("error hook failed", error_type=type(e).__name__)
@@ -175,6 +189,8 @@ class SidecarAddon:
         if d.principal is not None and d.principal.auth == "bearer" and "authorization" in req.credentials:
             # a SMART app keeps its own verified token, so the EHR enforces what it reads too
             headers["authorization"] = req.credentials["authorization"]
+        if d.authorization is not None:
+            headers["authorization"] = d.authorization  # the EHR credential; the app's was never forwarded
         if d.prior is not None and d.prior.etag is not None:
             headers["if-match"] = d.prior.etag  # nothing may change between the check and the write
         fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]

@@ -49,7 +49,9 @@ class AdminServer:
                 except Exception as e:  # the admin API answers, it never crashes the listener
                     log.error("admin handler failed", error_type=type(e).__name__)
                     status, payload = 500, {"error": "internal error"}
-                if isinstance(payload, bytes):
+                if isinstance(payload, tuple):
+                    data, ctype = payload
+                elif isinstance(payload, bytes):
                     data, ctype = payload, "text/plain; version=0.0.4"
                 else:
                     data, ctype = json.dumps(payload).encode(), "application/json"

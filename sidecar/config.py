@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sidecar.alerts import AlertsConfig
 from sidecar.scopes import parse_scope
 from sidecar.secretrefs import check_ref
 
@@ -130,6 +131,25 @@ class UpstreamCredentials(_Model):
     client_id: str | None = None
     private_key: SecretRef | None = None
     client_secret: SecretRef | None = None
+    scope: str | None = None
+    kid: str | None = None
+    algorithm: Literal["RS384", "ES384"] | None = None
+    ca_bundle: str | None = None
+    timeout_s: float | None = Field(None, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "UpstreamCredentials":
+        if self.type == "bearer" and not self.token:
+            raise ValueError("upstream_credentials type bearer needs token")
+        if self.type == "basic" and (not self.username or ":" in self.username or not self.password):
+            raise ValueError("upstream_credentials type basic needs username (no ':') and password")
+        if self.type == "client_credentials":
+            if not self.token_url or not self.client_id or (self.private_key is None) == (self.client_secret is None):
+                raise ValueError("client_credentials needs token_url, client_id and exactly one of private_key / client_secret")
+            u = urlsplit(self.token_url)
+            if u.scheme != "https" and not (u.scheme == "http" and _is_loopback(u.hostname or "")):
+                raise ValueError("token_url must be https (http only on loopback)")
+        return self
 
 
 class Client(_Model):
@@ -142,6 +162,8 @@ class Client(_Model):
     upstream_credentials: SecretRef | UpstreamCredentials | None = None
     operations: list[str] = Field(default_factory=list, description="write operations ($op) this client may call")
     conditional_writes: bool = False
+    dedupe: bool = Field(False, description="deduplicate key-less writes (client + method + URL + body) in the window")
+    rate_limit: "RateLimits | None" = None
 
     @model_validator(mode="after")
     def _check(self) -> "Client":
@@ -189,6 +211,10 @@ class Audit(_Model):
     pseudonym_key: SecretRef | None = None
     reads_fail_open: bool = False
     chain: str = Field("main", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    max_bytes: int | None = Field(None, gt=0, description="rotate the file past this size")
+    max_age_s: float | None = Field(None, gt=0, description="rotate the file past this age")
+    checkpoint_every: int = Field(1000, gt=0)
+    unknown_scan_records: int = Field(10_000, ge=0)
 
     @model_validator(mode="after")
     def _keys(self) -> "Audit":
@@ -216,6 +242,43 @@ class Vault(_Model):
     role_id: str | None = None
     secret_id: SecretRef | None = None
     role: str | None = None
+    mount: str | None = None
+    ca_bundle: str | None = None
+    timeout_s: float = Field(5, gt=0, le=60)
+    jwt_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    cache_ttl_s: float = Field(60, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _auth(self) -> "Vault":
+        need = {"token": ("token",), "approle": ("role_id", "secret_id"), "kubernetes": ("role",)}[self.auth]
+        missing = [n for n in need if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"vault auth {self.auth} needs {', '.join(missing)}")
+        for n in ("token", "secret_id"):
+            v = getattr(self, n)
+            if v and v.startswith("vault:"):
+                raise ValueError(f"vault.{n} cannot itself come from vault")
+        return self
+
+
+class Limit(_Model):
+    rate: float = Field(gt=0, description="requests per second")
+    burst: float = Field(gt=0)
+
+
+class RateLimits(_Model):
+    reads: Limit | None = None
+    writes: Limit | None = None
+
+
+class Breaker(_Model):
+    threshold: int = Field(5, gt=0, description="consecutive 5xx/timeouts that open the circuit")
+    cooldown_s: float = Field(30, gt=0)
+    probe_timeout_s: float = Field(60, gt=0)
+
+
+class Backoff(_Model):
+    max_hold_s: float = Field(300, gt=0)
 
 
 class State(_Model):
@@ -232,6 +295,9 @@ class State(_Model):
 class Idempotency(_Model):
     ttl_s: int = Field(86_400, gt=0)
     dedupe_window_s: int = Field(0, ge=0)
+    lease_s: float | None = Field(None, gt=0, description="in-flight lease (default: upstream.timeout_s + 90)")
+    unknown_ttl_s: int = Field(30 * 86_400, gt=0)
+    body_cap: int = Field(65_536, ge=0)
 
 
 class Config(_Model):
@@ -248,6 +314,10 @@ class Config(_Model):
     vault: Vault | None = None
     state: State = Field(default_factory=State)
     idempotency: Idempotency = Field(default_factory=Idempotency)
+    rate_limit: RateLimits | None = None
+    breaker: Breaker = Field(default_factory=Breaker)
+    backoff: Backoff = Field(default_factory=Backoff)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -282,16 +352,10 @@ def unsupported_features(cfg: Config) -> list[str]:
     for c in cfg.clients:
         if c.auth == "mtls":
             out.append(f"client {c.id}: auth `mtls` is not available in this build")
-        if c.upstream_credentials is not None:
-            out.append(f"client {c.id}: upstream_credentials (credential injection) is not available in this build")
     if cfg.policy.engine == "opa":
         out.append("policy.engine `opa` is not available in this build (use `embedded`)")
     if cfg.listen.tls is not None:
         out.append("listen.tls is not available in this build")
-    if cfg.vault is not None:
-        out.append("vault is not available in this build")
-    if not cfg.state.store.startswith("sqlite:"):
-        out.append("state.store: only sqlite is available in this build")
     return out
 
 
@@ -344,3 +408,6 @@ def parse_config(data: dict, source: str = "config") -> Config:
 
 def json_schema() -> dict:
     return Config.model_json_schema()
+
+
+Client.model_rebuild()

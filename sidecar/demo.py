@@ -72,6 +72,7 @@ def run_demo(port: int = 8080, admin_port: int = 9090) -> int:
         data["admin"]["port"] = admin_port
         data["audit"]["path"] = str(state / "audit.jsonl")
         data["killswitch"]["file"] = str(state / "killswitch")
+        data["state"] = {"store": f"sqlite:{state / 'state.db'}"}
         cfg = parse_config(data, source=str(DEMO_CONFIG))
         print(demo_banner(f"http://127.0.0.1:{port}", sandbox.base_url, f"http://127.0.0.1:{admin_port}", str(state)),
               flush=True)

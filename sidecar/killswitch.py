@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sidecar.errors import Refusal, unavailable
 
@@ -97,7 +97,10 @@ class KillSwitch:
         refresh_s: float = 0.2,
         on_change: Callable[[KillState, KillState], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: Any = None,
     ) -> None:
+        # shared: flags in the state store (Redis) that replicas see; engaged if ANY source says so
+        self.shared = shared
         self.flag_file = Path(flag_file)
         self.scope = scope
         self.retry_after_s = retry_after_s
@@ -121,7 +124,8 @@ class KillSwitch:
 
     def check(self, client_id: str | None, is_write: bool) -> Refusal | None:
         st = self.state
-        if not (st.engaged or (client_id is not None and client_id in st.clients)):
+        shared = self.shared is not None and self.shared.engaged(client_id)
+        if not (shared or st.engaged or (client_id is not None and client_id in st.clients)):
             return None
         if self.scope == "writes" and not is_write:
             return None

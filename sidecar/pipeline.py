@@ -7,6 +7,7 @@ answers 503 and forwards nothing (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +17,10 @@ from sidecar.audit.record import pseudonym
 from sidecar.audit.writer import AuditUnavailable, AuditWriter
 from sidecar.classify import classify
 from sidecar.config import Config
+from sidecar.credentials import CredentialUnavailable
+from sidecar.alerts import AlertEvent
+from sidecar.idempotency import Receipt, Replay, Reserved, disposition, parse_key, request_fingerprint
+from sidecar.state import StateUnavailable
 from sidecar.context_guard import check_context
 from sidecar.errors import Refusal, unavailable
 from sidecar.identity import Identities, Principal
@@ -48,6 +53,7 @@ class Runtime:
     pseudonym_key: bytes
     policy: PolicyEngine | None = None
     prior: PriorStateReader | None = None
+    svc: Any = None   # sidecar.services.Services (receipts, limits, breaker, credentials, metrics, alerts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +68,22 @@ class Decision:
     intent_seq: int | None = None
     prior: Prior | None = None
     confine_patient: bool = False   # a patient-context read: the response body is checked too
+    reservation: Reserved | None = None   # the Idempotency-Key this write holds
+    replay: Receipt | None = None         # a completed write repeated: answered from its receipt
+    authorization: str | None = None      # injected upstream credential (never logged)
+    probe: bool = False                   # this request is the breaker's half-open probe
 
     @property
     def forward(self) -> bool:
-        return self.refusal is None
+        return self.refusal is None and self.replay is None
 
 
 class Pipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.svc = rt.svc
+        self._dedupe_clients = frozenset(c.id for c in rt.cfg.clients if c.dedupe)
+        self._in_flight_s = rt.cfg.upstream.timeout_s + 30
         up = rt.cfg.upstream
         self._base_path = up.base_path
         self._upstream_base = up.base_url
@@ -95,9 +108,6 @@ class Pipeline:
         return await self.rt.identities.identify(req.credentials, public=cls.public)
 
     async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> tuple[Prior | None, bool]:
-        refusal = self.rt.killswitch.check(who.client_id, cls.is_write)
-        if refusal is not None:
-            raise refusal
         guards.check_scopes(cls, who)
         guards.check_valid(req, cls)
         prior = await self.prior_state(req, cls, who)
@@ -111,8 +121,14 @@ class Pipeline:
         t = req.target
         if cls.interaction not in PRIOR_STATE or self.rt.prior is None or not t.resource_type or not t.id:
             return None
-        prior = await self.rt.prior.read(t.resource_type, t.id, correlation_id=req.correlation_id,
-                                         authorization=req.credentials.get("authorization") if who.auth == "bearer" else None)
+        auth = req.credentials.get("authorization") if who.auth == "bearer" else None
+        cred = self.svc.credentials.get(who.client_id or "")
+        if cred is not None:
+            try:
+                auth = await cred.authorization()
+            except CredentialUnavailable:
+                raise unavailable("secret store unavailable: no upstream credential") from None
+        prior = await self.rt.prior.read(t.resource_type, t.id, correlation_id=req.correlation_id, authorization=auth)
         check_if_match(req.headers.get("if-match"), prior)
         if cls.interaction == "patch":
             if prior.current is None:
@@ -147,33 +163,155 @@ class Pipeline:
         req: FhirRequest | None = None
         cls: Classification | None = None
         who: Principal | None = None
+        held: Reserved | None = None
         try:
-            req = self.parse(raw, correlation, trace)
-            cls = self.classify(req)
-            who = await self.identify(req, cls)
-            prior, confine = await self.guard(req, cls, who)
-            seq = await self.audit(req, cls, who, raw)
+            try:
+                req = self.parse(raw, correlation, trace)
+                cls = self.classify(req)
+                who = await self.identify(req, cls)
+                await self.admit(cls, who)
+                held, replay = await self.reserve(raw, req, cls, who)
+                if replay is not None:
+                    await self._record(self._fields("replay", req, cls, who, raw, decision="replay",
+                                                    reasons=["idempotent replay of a completed write"]))
+                    return Decision(correlation, trace, started, None, req, cls, who, replay=replay)
+                prior, confine = await self.guard(req, cls, who)
+                auth, probe = await self.upstream_gate(cls, who)
+                seq = await self.audit(req, cls, who, raw)
+                if held is not None:
+                    await self.svc.idempotency.mark_sent(who.client_id or "", held.key, held.token, self._in_flight_s)
+            except StateUnavailable as e:
+                raise e.refusal() from None
         except Refusal as refusal:
+            if held is not None and who is not None:
+                await self._release(who.client_id or "", held)
             await self._record_refusal(refusal, raw, req, cls, who, correlation)
-            return Decision(correlation, trace, started, refusal, req, cls, who)
-        return Decision(correlation, trace, started, None, req, cls, who, seq, prior, confine)
+            self.svc.metrics.observe_decision(time.monotonic() - started)
+            denied = Decision(correlation, trace, started, refusal, req, cls, who)
+            self.observe(denied, refusal.status, raw)
+            return denied
+        self.svc.metrics.observe_decision(time.monotonic() - started)
+        return Decision(correlation, trace, started, None, req, cls, who, seq, prior, confine, held,
+                        authorization=auth, probe=probe)
 
-    async def record_outcome(self, d: Decision, status: int | None, raw: RawRequest, outcome: str | None = None) -> None:
-        """After the upstream answered (or failed): `outcome` for writes, `read` for reads."""
+    async def admit(self, cls: Classification, who: Principal) -> None:
+        """Kill switch, then the client's rate limit (DESIGN's guard order)."""
+        refusal = self.rt.killswitch.check(who.client_id, cls.is_write)
+        if refusal is not None:
+            raise refusal
+        if who.client_id is not None:
+            await self.svc.ratelimit.check(who.client_id, cls.is_write, cost=len(cls.entries) or 1)
+
+    async def reserve(self, raw: RawRequest, req: FhirRequest, cls: Classification,
+                      who: Principal) -> tuple[Reserved | None, Receipt | None]:
+        """Idempotency lookup before scopes and prior state: a repeat never writes twice."""
+        if not cls.is_write or who.client_id is None:
+            return None, None
+        idem = self.svc.idempotency
+        key = parse_key(raw.header_values("idempotency-key"))
+        fp = request_fingerprint(req)
+        if key is not None:
+            found = await idem.lookup_or_reserve(who.client_id, key, fp)
+        elif who.client_id in self._dedupe_clients and idem.dedupe_window_s > 0:
+            found = await idem.dedupe_or_reserve(who.client_id, fp)
+        else:
+            return None, None
+        if isinstance(found, Reserved):
+            return found, None
+        if isinstance(found, Replay):
+            return None, found.receipt
+        raise found.refusal()
+
+    async def upstream_gate(self, cls: Classification, who: Principal) -> tuple[str | None, bool]:
+        """The EHR credential to inject, then back-off and breaker: never hammer a struggling EHR."""
+        auth = None
+        cred = self.svc.credentials.get(who.client_id or "")
+        if cred is not None:
+            try:
+                auth = await cred.authorization()
+            except CredentialUnavailable:
+                raise unavailable("secret store unavailable: no upstream credential") from None
+        await self.svc.backoff.check(cls.is_write)
+        probe = await self.svc.breaker.admit()
+        return auth, probe
+
+    async def finish(self, d: Decision, status: int | None, raw: RawRequest, *,
+                     headers: tuple[tuple[str, str], ...] = (), body: bytes = b"", outcome: str | None = None) -> None:
+        """After the upstream answered (status) or failed (None): breaker, back-off, receipt,
+        audit `outcome`/`read`, metrics and alerts. The response is already decided; nothing here
+        may turn a write that happened into a false failure."""
         if d.request is None or d.classification is None or d.principal is None:
             return
-        latency = round((time.monotonic() - d.started) * 1000, 2)
+        cls, who = d.classification, d.principal
+        retry_after = next((v for k, v in headers if k.lower() == "retry-after"), None)
+        steps = (
+            self.svc.breaker.record(status, probe=d.probe),
+            self.svc.backoff.record(status, retry_after) if status in (429, 503) else None,
+            self._settle_receipt(d, status, headers, body, retry_after is not None),
+        )
+        for step in steps:
+            if step is None:
+                continue
+            try:
+                await step
+            except Exception as e:  # state store trouble after the fact: logged, the answer stands
+                log.error("after-response step failed", error_type=type(e).__name__, correlation_id=d.correlation_id)
+        cred = self.svc.credentials.get(who.client_id or "")
+        if status == 401 and cred is not None:
+            cred.invalidate()
         if outcome is None:
             outcome = "committed" if status is not None and 200 <= status < 300 else "failed"
-        kind = "outcome" if d.classification.is_write else "read"
-        fields = self._fields(kind, d.request, d.classification, d.principal, raw, decision="allow")
-        fields.update(upstream_status=status, latency_ms=latency)
+        kind = "outcome" if cls.is_write else "read"
+        fields = self._fields(kind, d.request, cls, who, raw, decision="allow")
+        fields.update(upstream_status=status, latency_ms=round((time.monotonic() - d.started) * 1000, 2))
         if kind == "outcome":
             fields["outcome"] = outcome
+        await self._record(fields)
+        self.observe(d, status if status is not None else 502, raw, upstream_failed=status is None or status >= 500)
+
+    async def _settle_receipt(self, d: Decision, status: int | None, headers: tuple[tuple[str, str], ...],
+                              body: bytes, retry_after: bool) -> None:
+        held, who = d.reservation, d.principal
+        if held is None or who is None:
+            return
+        idem, cid = self.svc.idempotency, who.client_id or ""
+        what = disposition(status, retry_after)
+        if what == "complete" and status is not None:
+            ok = await idem.complete(cid, held.key, held.token, idem.make_receipt(status, headers, body, d.correlation_id))
+        elif what == "release":
+            ok = await idem.release(cid, held.key, held.token)
+        else:
+            ok = await idem.mark_unknown(cid, held.key, held.token)
+        if not ok:  # the lease ran out and someone else holds the key now: say so loudly
+            log.error("idempotency reservation lost before the receipt was stored", correlation_id=d.correlation_id,
+                      client_id=who.client_id)
+
+    def observe(self, d: Decision, status: int, raw: RawRequest, *, upstream_failed: bool = False) -> None:
+        """Metrics and anomaly alerts for one finished request (never raises)."""
         try:
-            await self.rt.audit.append(fields, durable=False)
-        except AuditUnavailable:
-            pass  # the sink is failed and says so (not ready, writes 503); the response is already out
+            cls, who = d.classification, d.principal
+            decision = "allow" if d.refusal is None else d.refusal.decision
+            if d.replay is not None:
+                decision = "replay"
+            self.svc.metrics.record_request(
+                interaction=cls.interaction if cls else None,
+                resource_type=d.request.target.resource_type if d.request else None,
+                client=who.client_id if who else None, decision=decision, status=status)
+            if d.forward:
+                self.svc.metrics.observe_upstream(time.monotonic() - d.started)
+            alerts = self.svc.alerts.observe(AlertEvent(
+                ts=time.time(), client_id=who.client_id if who else None, source_ip=raw.client_addr or None,
+                is_write=bool(cls and cls.is_write), decision=decision,
+                upstream_status=status if d.forward else None, upstream_failed=upstream_failed and d.forward,
+                correlation_id=d.correlation_id))
+            for a in alerts:
+                log.warning("alert", **a.log_fields())
+                self.svc.metrics.alert(a.kind)
+                if self.svc.webhook is not None:
+                    self.svc.webhook.submit(a)
+                asyncio.get_running_loop().create_task(self._record(a.audit_fields()))
+        except Exception as e:
+            log.error("metrics/alerts failed", error_type=type(e).__name__)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -198,6 +336,7 @@ class Pipeline:
         if who.enforce and not self.rt.cfg.policy.shadow:
             raise Refusal(403, f"policy: {text}")
         # shadow: the decision is reported, not enforced (identity, scopes, hardening still are)
+        self.svc.metrics.would_deny(who.client_id)
         log.warning("policy would deny", would_deny=True, correlation_id=req.correlation_id,
                     client_id=who.client_id, interaction=cls.interaction, reasons=[text])
 
@@ -225,6 +364,18 @@ class Pipeline:
         if self.rt.policy is not None:
             f["policy_revision"] = self.rt.policy.revision
         return f
+
+    async def _record(self, fields: dict[str, Any]) -> None:
+        try:
+            await self.rt.audit.append(fields, durable=False)
+        except AuditUnavailable:
+            pass  # the sink is failed and says so (not ready, writes 503)
+
+    async def _release(self, client_id: str, held: Reserved) -> None:
+        try:
+            await self.svc.idempotency.release(client_id, held.key, held.token)
+        except Exception as e:  # the lease expires on its own; nothing was forwarded
+            log.error("idempotency release failed", error_type=type(e).__name__)
 
     async def _record_refusal(self, refusal: Refusal, raw: RawRequest, req: FhirRequest | None,
                               cls: Classification | None, who: Principal | None, correlation: str) -> None:

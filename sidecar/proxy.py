@@ -27,11 +27,12 @@ from sidecar.logs import get_logger
 from sidecar.pipeline import Pipeline
 from sidecar.runtime import build_runtime, resolve_secrets
 from sidecar.secretrefs import resolve
+from sidecar.services import SERVICE_KEYS
 
 log = get_logger("sidecar.proxy")
 DRAIN_TIMEOUT_S = 30.0
 # Changing these needs a restart: a reload that touches them is refused (and said).
-RESTART_KEYS = ("upstream", "listen", "admin", "audit")
+RESTART_KEYS = ("upstream", "listen", "admin", "audit") + SERVICE_KEYS
 
 
 def apply_options(opts: options.Options, cfg: Config) -> None:
@@ -108,6 +109,7 @@ class Sidecar:
             poll.cancel()
             await self.admin.stop()
             await self._current().rt.audit.close()
+            await self._current().rt.svc.close()
         return 0
 
     def _current(self) -> Pipeline:
@@ -162,8 +164,8 @@ class Sidecar:
             changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
             if changed:
                 raise ConfigError(f"changing {', '.join(changed)} needs a restart")
-            resolve_secrets(new, self.base_dir)
-            new_rt = await build_runtime(new, self.base_dir, audit=rt.audit)
+            resolve_secrets(new, self.base_dir, vault=rt.svc.vault)
+            new_rt = await build_runtime(new, self.base_dir, audit=rt.audit, services=rt.svc)
         except Exception as e:
             log.error("reload refused; the running config is kept", error_type=type(e).__name__, reasons=[str(e)[:300]])
             await _safe_admin(rt, ["reload refused"])
@@ -188,6 +190,8 @@ class Sidecar:
             if not rt.audit.healthy:
                 problems.append("audit sink failed")
             return (503 if problems else 200), {"ready": not problems, "problems": problems}
+        if path == "/metrics" and method == "GET":
+            return 200, (rt.svc.metrics.render(), rt.svc.metrics.content_type)
         if not path.startswith("/admin/"):
             return 404, {"error": "not found"}
         if not bearer_ok(headers, self.admin_token):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.audit.record import derive_key
+from sidecar.audit.checkpoints import print_checkpoint
 from sidecar.audit.writer import AuditWriter
 from sidecar.config import Config, ConfigError, unsupported_features
 from sidecar.fhir.validate import model_class
@@ -19,6 +20,7 @@ from sidecar.killswitch import KillState, KillSwitch
 from sidecar.logs import get_logger
 from sidecar.pipeline import PolicyEngine, Runtime
 from sidecar.prior import PriorStateReader
+from sidecar.services import Services, build_services, vault_client
 from sidecar.secretrefs import SecretError, resolve
 from sidecar.tokens import IntrospectionSettings, TokenVerifier
 
@@ -28,14 +30,14 @@ MIN_AUDIT_KEY_CHARS = 32
 WARM_TYPES = ("Bundle", "Observation", "Patient", "Condition", "DocumentReference", "Parameters", "MedicationRequest")
 
 
-def resolve_secrets(cfg: Config, base_dir: Path, *, audit: bool = True) -> dict[str, Any]:
+def resolve_secrets(cfg: Config, base_dir: Path, *, audit: bool = True, vault: Any = None) -> dict[str, Any]:
     """All secret references the config holds, resolved. Raises ConfigError listing failures."""
     problems: list[str] = []
     out: dict[str, Any] = {"audit": {}, "api_keys": {}}
 
     def get(ref: str) -> str | None:
         try:
-            return resolve(ref, base_dir=base_dir).reveal()
+            return resolve(ref, base_dir=base_dir, vault=vault.read if vault is not None else None).reveal()
         except SecretError as e:
             problems.append(str(e))
             return None
@@ -83,20 +85,28 @@ def load_policy(cfg: Config, base_dir: Path) -> PolicyEngine | None:
 
 
 async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | None = None,
-                        fsync: Any = None) -> Runtime:
+                        fsync: Any = None, services: Services | None = None) -> Runtime:
     check_startable(cfg)
     for t in WARM_TYPES:
         model_class(t)
-    secrets = resolve_secrets(cfg, base_dir)
+    vault = services.vault if services is not None else vault_client(cfg, base_dir)
+    secrets = resolve_secrets(cfg, base_dir, vault=vault)
     policy = load_policy(cfg, base_dir)
     refs, active = cfg.audit.key_refs()
     pseudo_secret = secrets.get("pseudonym") or secrets["audit"][next(iter(refs))]
+    if services is None:
+        services = await build_services(cfg, base_dir, pseudonym_secret=pseudo_secret, vault=vault)
+    metrics = services.metrics
     if audit is None:
         path = Path(cfg.audit.path)
         if not path.is_absolute():
             path = base_dir / path
         kwargs = {"fsync": fsync} if fsync is not None else {}
-        audit = AuditWriter(path, secrets["audit"], active, cfg.audit.chain, **kwargs)
+        a = cfg.audit
+        audit = AuditWriter(path, secrets["audit"], active, a.chain, checkpoint_every=a.checkpoint_every,
+                            on_checkpoint=print_checkpoint, max_bytes=a.max_bytes, max_age_s=a.max_age_s,
+                            unknown_scan_records=a.unknown_scan_records, on_commit=metrics.audit_commit,
+                            on_failure=metrics.audit_failure, **kwargs)
         await audit.start()
     ks_path = Path(cfg.killswitch.file)
     if not ks_path.is_absolute():
@@ -107,12 +117,16 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
     def on_change(old: KillState, new: KillState) -> None:
         # the switch is set through its flag file; the running sidecar records every change
         log.warning("kill switch changed", kill_switch=new.engaged, count=len(new.clients))
+        metrics.set_kill_switch(new.engaged)
         reasons = [f"kill switch {'engaged' if new.engaged else 'released'}"]
         reasons += [f"client kill switch engaged: {c}" for c in sorted(new.clients - old.clients)]
         reasons += [f"client kill switch released: {c}" for c in sorted(old.clients - new.clients)]
         loop.create_task(_admin_record(audit, reasons))
 
-    ks = KillSwitch(ks_path, cfg.killswitch.scope, cfg.killswitch.retry_after_s, on_change=on_change)
+    ks = KillSwitch(ks_path, cfg.killswitch.scope, cfg.killswitch.retry_after_s, on_change=on_change,
+                    shared=services.shared_flags)
+    metrics.set_kill_switch(ks.state.engaged)
+    metrics.set_policy_revision(policy.revision if policy else None)
     verify: Any = True
     if cfg.upstream.ca_bundle:
         ca = Path(cfg.upstream.ca_bundle)
@@ -127,6 +141,7 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
         audit=audit,
         pseudonym_key=derive_key(pseudo_secret, "pseudonym"),
         policy=policy,
+        svc=services,
     )
 
 

@@ -62,6 +62,7 @@ def make_config(tmp: Path, upstream_url: str, **over: Any) -> dict[str, Any]:
         "policy": {"engine": "embedded", "dir": str(ROOT / "policies"), "path": "fhir/writeback"},
         "killswitch": {"file": str(tmp / "killswitch"), "scope": "all", "retry_after_s": 7},
         "audit": {"path": str(tmp / "audit.jsonl"), "key": "env:FHIR_SIDECAR_AUDIT_KEY"},
+        "state": {"store": f"sqlite:{tmp / 'state.db'}"},
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
