@@ -22,6 +22,7 @@ from sidecar.logs import get_logger
 from sidecar.parse import correlation_id, traceparent
 from sidecar.pipeline import Decision, Pipeline
 from sidecar.request import RawRequest
+from sidecar.upstream import NotSent, OutcomeUnknown, UpstreamClient
 
 log = get_logger("sidecar.request")
 META = "fhir_sidecar"
@@ -62,8 +63,10 @@ class SidecarAddon:
     """`pipeline_ref` returns the current pipeline: a reload swaps it between requests."""
 
     def __init__(self, pipeline_ref: Callable[[], Pipeline], *, mode: str, upstream_host: str,
-                 upstream_port: int, upstream_scheme: str, upstream_base: str, base_path: str) -> None:
+                 upstream_port: int, upstream_scheme: str, upstream_base: str, base_path: str,
+                 writer: UpstreamClient | None = None) -> None:
         self._pipeline = pipeline_ref
+        self.writer = writer
         self.mode = mode
         self.upstream = (upstream_host, upstream_port, upstream_scheme)
         self.upstream_base = upstream_base
@@ -119,6 +122,9 @@ class SidecarAddon:
                 flow.response = replay_response(decision.replay, corr)
                 return
             self._prepare_upstream(flow, decision)
+            if self.writer is not None and decision.classification is not None and decision.classification.is_write:
+                await self._send_write(flow, decision)  # writes leave through our client (timeouts, 504)
+                return
             flow.response = None  # the one way out that forwards
         except BaseException as e:
             flow.response = refusal_response(unavailable("internal error; nothing was forwarded"), corr)
@@ -147,10 +153,16 @@ class SidecarAddon:
                     resp.headers["x-correlation-id"] = corr
                 if self.mode == "reverse":
                     self._rewrite_urls(flow)
-                await self._pipeline().finish(
-                    d, resp.status_code, raw_request(flow, self.mode),
-                    headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
-                    body=resp.raw_content or b"")
+                sent = flow.metadata.get(META + ".sent")
+                if sent in ("not-sent", "unknown"):
+                    await self._pipeline().finish(d, None, raw_request(flow, self.mode),
+                                                  outcome="failed" if sent == "not-sent" else "unknown",
+                                                  sent=sent == "unknown")
+                else:
+                    await self._pipeline().finish(
+                        d, resp.status_code, raw_request(flow, self.mode),
+                        headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
+                        body=resp.raw_content or b"")
             self._log(d, resp.status_code)
         except Exception as e:
             # The request already went upstream: the app gets the upstream's true answer (a false
@@ -171,6 +183,30 @@ class SidecarAddon:
             self._done(flow)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    async def _send_write(self, flow: http.HTTPFlow, d: Decision) -> None:
+        assert self.writer is not None
+        r = flow.request
+        host, port, scheme = self.upstream
+        url = f"{scheme}://{host}:{port}{r.path}"
+        headers = [(k, v) for k, v in r.headers.items(multi=True) if k.lower() not in ("host", "content-length")]
+        try:
+            ans = await self.writer.send(r.method, url, headers, r.raw_content or b"")
+        except NotSent:
+            flow.metadata[META + ".sent"] = "not-sent"
+            flow.response = refusal_response(Refusal(502, "the EHR could not be reached; nothing was sent", "transient"),
+                                             d.correlation_id)
+            return
+        except OutcomeUnknown:
+            flow.metadata[META + ".sent"] = "unknown"
+            flow.response = refusal_response(
+                Refusal(504, "the EHR did not answer in time: the outcome is unknown; do not retry without "
+                             "reconciling (Idempotency-Key stays reserved)", "timeout"), d.correlation_id)
+            return
+        resp = http.Response.make(ans.status, b"", [(k.lower().encode(), v.encode("latin-1")) for k, v in ans.headers])
+        resp.raw_content = ans.body
+        resp.headers["content-length"] = str(len(ans.body))
+        flow.response = resp
 
     def _done(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.pop(META + ".counted", False):

@@ -310,6 +310,13 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.captureWarnings(True)  # warnings text goes through redact instead of raw stderr
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    # httpx/httpcore log every side call at INFO; the request event already says what happened
+    for name in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -236,7 +236,8 @@ class Pipeline:
         return auth, probe
 
     async def finish(self, d: Decision, status: int | None, raw: RawRequest, *,
-                     headers: tuple[tuple[str, str], ...] = (), body: bytes = b"", outcome: str | None = None) -> None:
+                     headers: tuple[tuple[str, str], ...] = (), body: bytes = b"", outcome: str | None = None,
+                     sent: bool = True) -> None:
         """After the upstream answered (status) or failed (None): breaker, back-off, receipt,
         audit `outcome`/`read`, metrics and alerts. The response is already decided; nothing here
         may turn a write that happened into a false failure."""
@@ -247,7 +248,7 @@ class Pipeline:
         steps = (
             self.svc.breaker.record(status, probe=d.probe),
             self.svc.backoff.record(status, retry_after) if status in (429, 503) else None,
-            self._settle_receipt(d, status, headers, body, retry_after is not None),
+            self._settle_receipt(d, status, headers, body, retry_after is not None, sent),
         )
         for step in steps:
             if step is None:
@@ -270,12 +271,12 @@ class Pipeline:
         self.observe(d, status if status is not None else 502, raw, upstream_failed=status is None or status >= 500)
 
     async def _settle_receipt(self, d: Decision, status: int | None, headers: tuple[tuple[str, str], ...],
-                              body: bytes, retry_after: bool) -> None:
+                              body: bytes, retry_after: bool, sent: bool = True) -> None:
         held, who = d.reservation, d.principal
         if held is None or who is None:
             return
         idem, cid = self.svc.idempotency, who.client_id or ""
-        what = disposition(status, retry_after)
+        what = disposition(status, retry_after) if sent else "release"  # nothing left: the key is free
         if what == "complete" and status is not None:
             ok = await idem.complete(cid, held.key, held.token, idem.make_receipt(status, headers, body, d.correlation_id))
         elif what == "release":

@@ -25,7 +25,8 @@ from sidecar.admin import AdminServer, bearer_ok
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.logs import get_logger
 from sidecar.pipeline import Pipeline
-from sidecar.runtime import build_runtime, resolve_secrets
+from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
+from sidecar.upstream import UpstreamClient
 from sidecar.secretrefs import resolve
 from sidecar.services import SERVICE_KEYS
 
@@ -78,9 +79,10 @@ class Sidecar:
         if self.cfg.admin.token:
             self.admin_token = resolve(self.cfg.admin.token, base_dir=self.base_dir).reveal()
         up = self.cfg.upstream
+        self.writer = UpstreamClient(verify=upstream_verify(self.cfg, self.base_dir), timeout_s=up.timeout_s)
         self.addon = SidecarAddon(
             lambda: self._current(), mode=self.cfg.listen.mode, upstream_host=up.host, upstream_port=up.port,
-            upstream_scheme=up.scheme, upstream_base=up.base_url, base_path=up.base_path,
+            upstream_scheme=up.scheme, upstream_base=up.base_url, base_path=up.base_path, writer=self.writer,
         )
         self.master = Master(options.Options())
         self.master.addons.add(
@@ -110,6 +112,7 @@ class Sidecar:
             await self.admin.stop()
             await self._current().rt.audit.close()
             await self._current().rt.svc.close()
+            await self.writer.close()
         return 0
 
     def _current(self) -> Pipeline:

@@ -127,11 +127,8 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
                     shared=services.shared_flags)
     metrics.set_kill_switch(ks.state.engaged)
     metrics.set_policy_revision(policy.revision if policy else None)
-    verify: Any = True
-    if cfg.upstream.ca_bundle:
-        ca = Path(cfg.upstream.ca_bundle)
-        verify = ssl.create_default_context(cafile=str(ca if ca.is_absolute() else base_dir / ca))
-    prior = PriorStateReader(cfg.upstream.base_url, verify=verify, timeout_s=cfg.upstream.timeout_s)
+    prior = PriorStateReader(cfg.upstream.base_url, verify=upstream_verify(cfg, base_dir),
+                             timeout_s=cfg.upstream.timeout_s)
     tokens = await start_token_verifier(cfg, base_dir, secrets)
     return Runtime(
         prior=prior,
@@ -143,6 +140,14 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
         policy=policy,
         svc=services,
     )
+
+
+def upstream_verify(cfg: Config, base_dir: Path) -> Any:
+    """The EHR's trust anchors for the sidecar's own HTTP clients (same as mitmproxy's)."""
+    if not cfg.upstream.ca_bundle:
+        return True
+    ca = Path(cfg.upstream.ca_bundle)
+    return ssl.create_default_context(cafile=str(ca if ca.is_absolute() else base_dir / ca))
 
 
 async def start_token_verifier(cfg: Config, base_dir: Path, secrets: dict[str, Any]) -> TokenVerifier | None:
