@@ -29,6 +29,7 @@ from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
 from sidecar.upstream import UpstreamClient
 from sidecar.secretrefs import resolve
 from sidecar.services import SERVICE_KEYS
+from sidecar.state.flags import set_killswitch
 
 log = get_logger("sidecar.proxy")
 DRAIN_TIMEOUT_S = 30.0
@@ -206,10 +207,13 @@ class Sidecar:
             if method == "POST":
                 try:
                     req = json.loads(body or b"{}")
-                    killswitch.write_flag(rt.killswitch.flag_file, bool(req["engaged"]), req.get("client"),
-                                          str(req.get("reason", ""))[:500])
+                    on, client, reason = bool(req["engaged"]), req.get("client"), str(req.get("reason", ""))[:500]
+                    killswitch.write_flag(rt.killswitch.flag_file, on, client, reason)
                 except (ValueError, KeyError, TypeError) as e:
                     return 400, {"error": f"bad request: {type(e).__name__}"}
+                if rt.svc.shared_flags is not None:  # replicas: every one of them sees it
+                    await set_killswitch(rt.svc.store, on, client, reason)
+                    await rt.svc.shared_flags.refresh()
                 st = rt.killswitch.state
                 return 200, {"engaged": st.engaged, "clients": sorted(st.clients)}
         if path == "/admin/reload" and method == "POST":

@@ -72,7 +72,7 @@ def make_config(tmp: Path, upstream_url: str, **over: Any) -> dict[str, Any]:
     return cfg
 
 
-def wait_ready(admin_port: int, timeout: float = 15.0) -> None:
+def wait_ready(admin_port: int, timeout: float = 40.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
