@@ -67,13 +67,15 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sidecar.audit.files import chain_files
     from sidecar.audit.verify import verify_files
     from sidecar.runtime import resolve_secrets
 
     cfg, path = _load(args)
     secrets = resolve_secrets(cfg, path.parent.resolve())["audit"]
-    files = args.files or [str(path.parent.resolve() / cfg.audit.path) if not Path(cfg.audit.path).is_absolute()
-                           else cfg.audit.path]
+    files = args.files or chain_files(_audit_path(cfg, path))
+    if not files:
+        raise ConfigError(f"no audit files at {_audit_path(cfg, path)}")
     result = verify_files(files, secrets, args.checkpoints)
     print(json.dumps({"code": result.code, "first_bad_seq": result.first_bad_seq, "chain": result.chain,
                       "message": result.message}))
@@ -92,6 +94,66 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     out = asyncio.run(evaluate_offline(cfg, Identities(cfg, secrets["api_keys"]), load_policy(cfg, base), raw, current))
     print(json.dumps(out, indent=2))
     return 0 if out["decision"].get("allow") else 1
+
+
+def _audit_path(cfg, path: Path) -> str:
+    p = Path(cfg.audit.path)
+    return str(p if p.is_absolute() else path.parent.resolve() / p)
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from sidecar.audit.files import chain_files
+    from sidecar.audit.show import format_record, show_records
+
+    files = args.files
+    if not files:
+        cfg, path = _load(args)
+        files = chain_files(_audit_path(cfg, path))
+    for r in show_records(files, correlation_id=args.correlation_id, client_id=args.client, kind=args.kind,
+                          decision=args.decision, since=args.since, until=args.until):
+        print(json.dumps(r) if args.json else format_record(r))
+    return 0
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, payload: dict | None = None) -> tuple[int, dict]:
+    """CLIs change a running sidecar's state only through its authenticated admin API."""
+    import httpx
+
+    from sidecar.secretrefs import resolve
+
+    cfg, cfg_path = _load(args)
+    token = resolve(cfg.admin.token, base_dir=cfg_path.parent.resolve()).reveal() if cfg.admin.token else ""
+    host = "127.0.0.1" if cfg.admin.host in ("0.0.0.0", "::") else cfg.admin.host
+    try:
+        r = httpx.request(method, f"http://{host}:{cfg.admin.port}{path}", json=payload, timeout=10, trust_env=False,
+                          headers={"authorization": f"Bearer {token}"})
+    except httpx.HTTPError as e:
+        raise ConfigError(f"the sidecar's admin API is not reachable ({type(e).__name__})") from None
+    return r.status_code, r.json()
+
+
+def cmd_receipts(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    if args.action == "resolve" and not (args.committed or args.failed):
+        raise ConfigError("receipts resolve needs --committed or --failed")
+    if args.action == "show":
+        status, out = _admin_call(args, "GET", "/admin/receipts?" + urlencode({"client": args.client, "key": args.key}))
+    else:
+        status, out = _admin_call(args, "POST", "/admin/receipts/resolve", {
+            "client": args.client, "key": args.key, "committed": args.committed, "location": args.location})
+    print(json.dumps(out))
+    return 0 if status == 200 else 1
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from sidecar.certs import init_ca
+
+    try:
+        print(init_ca(Path(args.dir), force=args.force))
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from None
+    return 0
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -145,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoints")
     v.add_argument("files", nargs="*")
     v.set_defaults(fn=cmd_audit_verify)
+
+    sh = a_sub.add_parser("show", help="readable, filterable view of audit records")
+    sh.add_argument("--config")
+    sh.add_argument("--correlation-id")
+    sh.add_argument("--client")
+    sh.add_argument("--kind", help="e.g. intent or deny,read")
+    sh.add_argument("--decision", help="allow, deny, error, replay, or an outcome: committed, failed, unknown")
+    sh.add_argument("--since", help="ISO 8601, inclusive")
+    sh.add_argument("--until", help="ISO 8601, exclusive")
+    sh.add_argument("--json", action="store_true")
+    sh.add_argument("files", nargs="*")
+    sh.set_defaults(fn=cmd_audit_show)
+
+    rc = sub.add_parser("receipts", help="idempotency receipts (through the running sidecar's admin API)")
+    rc.add_argument("action", choices=["resolve", "show"])
+    rc.add_argument("key")
+    rc.add_argument("--client", required=True, help="keys are scoped per client")
+    rc.add_argument("--config")
+    outcome = rc.add_mutually_exclusive_group()
+    outcome.add_argument("--committed", action="store_true", help="the write reached the chart")
+    outcome.add_argument("--failed", action="store_true", help="the write did not happen: free the key")
+    rc.add_argument("--location", help="with --committed: the resource's URL, if known")
+    rc.set_defaults(fn=cmd_receipts)
+
+    ce = sub.add_parser("certs", help="trust anchors")
+    ce_sub = ce.add_subparsers(dest="certs_command", required=True)
+    ci = ce_sub.add_parser("init", help="create the forward-mode CA (key 0600, never committed)")
+    ci.add_argument("--dir", default="certs")
+    ci.add_argument("--force", action="store_true")
+    ci.set_defaults(fn=cmd_certs_init)
 
     po = sub.add_parser("policy", help="policy tools")
     po_sub = po.add_subparsers(dest="policy_command", required=True)

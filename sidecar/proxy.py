@@ -13,7 +13,7 @@ import json
 import signal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
@@ -216,15 +216,29 @@ class Sidecar:
                     await rt.svc.shared_flags.refresh()
                 st = rt.killswitch.state
                 return 200, {"engaged": st.engaged, "clients": sorted(st.clients)}
+        if path == "/admin/receipts" and method == "GET":
+            q = dict(parse_qsl(urlsplit(target).query))
+            state = await rt.svc.idempotency.state(q.get("client", ""), q.get("key", ""))
+            return (200, state) if state is not None else (404, {"error": "no such receipt"})
+        if path == "/admin/receipts/resolve" and method == "POST":
+            try:
+                req = json.loads(body or b"{}")
+                client, key, committed = str(req["client"]), str(req["key"]), bool(req["committed"])
+            except (ValueError, KeyError, TypeError) as e:
+                return 400, {"error": f"bad request: {type(e).__name__}"}
+            result = await rt.svc.idempotency.resolve(client, key, committed, location=req.get("location"))
+            await _safe_admin(rt, [f"receipt resolved as {'committed' if committed else 'failed'}: {result}"],
+                              client_id=client, idempotency_key=key)
+            return (200 if result == "resolved" else 409), {"result": result}
         if path == "/admin/reload" and method == "POST":
             ok = await self.reload()
             return (200 if ok else 409), {"reloaded": ok}
         return 404, {"error": "not found"}
 
 
-async def _safe_admin(rt: Any, reasons: list[str]) -> None:
+async def _safe_admin(rt: Any, reasons: list[str], **fields: Any) -> None:
     try:
-        await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": reasons}, durable=True)
+        await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": reasons, **fields}, durable=True)
     except Exception as e:
         log.error("admin audit record failed", error_type=type(e).__name__)
 

@@ -122,3 +122,32 @@ def test_policy_eval_prints_input_and_decision(tmp_path):
     r = cli("policy", "eval", "--config", str(root / "examples" / "demo.yaml"), "--request", str(other))
     out = json.loads(r.stdout)
     assert r.returncode == 1 and out["decision"]["allow"] is False  # no scope on MedicationRequest
+
+
+def test_certs_init_creates_a_ca_with_a_private_key_file_0600(tmp_path):
+    r = cli("certs", "init", "--dir", str(tmp_path / "ca"))
+    assert r.returncode == 0, r.stderr
+    key = tmp_path / "ca" / "mitmproxy-ca.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert "NODE_EXTRA_CA_CERTS" in r.stdout and "SSL_CERT_FILE" in r.stdout
+    assert "mitmproxy-ca.pem" in (tmp_path / "ca" / ".gitignore").read_text()
+    again = cli("certs", "init", "--dir", str(tmp_path / "ca"))
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_audit_show_filters(tmp_path):
+    sandbox = SandboxServer("127.0.0.1", 0)
+    sandbox.start()
+    try:
+        sc = SidecarProcess(make_config(tmp_path, sandbox.base_url, policy={"engine": "off"}), tmp_path).start()
+        request(sc.port, "POST", "/fhir/R4/Observation", OBS, {**WH, "X-Correlation-ID": "show-me-00001"})
+        request(sc.port, "POST", "/fhir/R4/MedicationRequest", b"{}", WH)
+        sc.stop()
+        r = cli("audit", "show", "--config", str(sc.cfg_path), "--correlation-id", "show-me-00001")
+        lines = r.stdout.strip().splitlines()
+        assert len(lines) == 2 and "intent" in lines[0] and "outcome" in lines[1]
+        r = cli("audit", "show", "--config", str(sc.cfg_path), "--kind", "deny", "--json")
+        denies = [json.loads(x) for x in r.stdout.splitlines()]
+        assert denies and all(d["kind"] == "deny" for d in denies)
+    finally:
+        sandbox.stop()

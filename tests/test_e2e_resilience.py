@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -98,6 +100,14 @@ def test_in_flight_409_then_timeout_504_unknown_until_resolved(run, sandbox):
     time.sleep(0.3)
     audit = [json.loads(x) for x in (sc.cfg_path.parent / "audit.jsonl").read_text().splitlines() if x.startswith("{")]
     assert any(r["kind"] == "outcome" and r.get("outcome") == "unknown" for r in audit)
+    # reconciled by an operator through the admin API (audited): the write did not happen
+    r = subprocess.run([sys.executable, "-m", "sidecar", "receipts", "resolve", "slow-write-0001", "--client",
+                        "demo-writer", "--failed", "--config", str(sc.cfg_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert request(sc.port, "POST", f"{BASE}/Observation", body(), wh(**k))[0] == 201  # the key is free again
+    time.sleep(0.3)
+    audit = [json.loads(x) for x in (sc.cfg_path.parent / "audit.jsonl").read_text().splitlines() if x.startswith("{")]
+    assert any(r["kind"] == "admin" and r.get("idempotency_key") == "slow-write-0001" for r in audit)
 
 
 def test_rate_limit_429(run, sandbox):
