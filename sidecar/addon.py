@@ -88,23 +88,17 @@ class SidecarAddon:
             flow.response = http.Response.make(503, b"", {"content-type": "text/plain"})
             raise
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        corr = "unknown-correlation"
+        forwarding = False
         try:
             self.inflight += 1
             flow.metadata[META + ".counted"] = True
-            # the Host the app addressed: response URLs are rewritten to it (reverse mode)
+            # the Host the app addressed (keep_host_header): response URLs are rewritten to it
             flow.metadata[META + ".host"] = flow.request.host_header or ""
-        except BaseException:
-            flow.response = http.Response.make(503, b"", {"content-type": "text/plain"})
-            raise
-
-    async def request(self, flow: http.HTTPFlow) -> None:
-        corr = "unknown-correlation"
-        flow.response = http.Response.make(503, b"", {"content-type": "text/plain"})  # until proven otherwise
-        try:
             raw = raw_request(flow, self.mode)
+            flow.metadata[META + ".raw"] = raw
             corr = correlation_id(raw)
-            flow.response = refusal_response(unavailable("sidecar could not decide"), corr)
             if self.draining:
                 decision = Decision(corr, "", time.monotonic(), unavailable("sidecar is shutting down", 1))
             elif self.mode == "forward" and not self._is_upstream(flow):
@@ -125,12 +119,16 @@ class SidecarAddon:
             if self.writer is not None and decision.classification is not None and decision.classification.is_write:
                 await self._send_write(flow, decision)  # writes leave through our client (timeouts, 504)
                 return
-            flow.response = None  # the one way out that forwards
+            forwarding = True  # the one way out that lets mitmproxy forward
         except BaseException as e:
             flow.response = refusal_response(unavailable("internal error; nothing was forwarded"), corr)
             log.error("request hook failed", correlation_id=corr, error_type=type(e).__name__, status=503)
             if not isinstance(e, Exception):
                 raise
+        finally:
+            # whatever happened above, a flow without an answer here would go upstream: fail closed
+            if not forwarding and flow.response is None:
+                flow.response = refusal_response(unavailable("internal error; nothing was forwarded"), corr)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
@@ -155,12 +153,12 @@ class SidecarAddon:
                     self._rewrite_urls(flow)
                 sent = flow.metadata.get(META + ".sent")
                 if sent in ("not-sent", "unknown"):
-                    await self._pipeline().finish(d, None, raw_request(flow, self.mode),
+                    await self._pipeline().finish(d, None, self._raw(flow),
                                                   outcome="failed" if sent == "not-sent" else "unknown",
                                                   sent=sent == "unknown")
                 else:
                     await self._pipeline().finish(
-                        d, resp.status_code, raw_request(flow, self.mode),
+                        d, resp.status_code, self._raw(flow),
                         headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
                         body=resp.raw_content or b"")
             self._log(d, resp.status_code)
@@ -175,7 +173,7 @@ class SidecarAddon:
         try:
             d: Decision | None = flow.metadata.get(META)
             if d is not None and d.forward:
-                await self._pipeline().finish(d, None, raw_request(flow, self.mode), outcome="unknown")
+                await self._pipeline().finish(d, None, self._raw(flow), outcome="unknown")
                 self._log(d, 502)
         except Exception as e:
             log.error("error hook failed", error_type=type(e).__name__)
@@ -207,6 +205,10 @@ class SidecarAddon:
         resp.raw_content = ans.body
         resp.headers["content-length"] = str(len(ans.body))
         flow.response = resp
+
+    def _raw(self, flow: http.HTTPFlow) -> RawRequest:
+        raw = flow.metadata.get(META + ".raw")
+        return raw if raw is not None else raw_request(flow, self.mode)
 
     def _done(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.pop(META + ".counted", False):

@@ -19,6 +19,7 @@ a single capitalised word at the start of a sentence is kept (so "Observation cr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -182,8 +183,27 @@ def _scalar(key: str, value: Any) -> Any:
         if shape is not None and shape.match(text):
             return text
         # Multi-word values are prose whatever the key; single tokens keep ids like "app-123" readable.
-        return scrub_text(text, free_text=key == "event" or any(c.isspace() for c in text))
+        free = key == "event" or any(c.isspace() for c in text)
+        # values repeat (interactions, types, client ids, reasons): scrubbing is pure, so cache it
+        return _scrub_cached(text, free) if len(text) <= 256 else scrub_text(text, free_text=free)
     return REDACTED  # dicts, bytes, arbitrary objects: their str() is unbounded
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_verdict(key: str, safe: bool) -> str:
+    """Keys repeat from line to line: decide once. `safe` is part of the cache key because
+    SAFE_KEYS may be extended at run time."""
+    # Dynamic keys can be data themselves (a JWT, an MRN): rename any key the scrubbers would touch.
+    if not _KEY_RE.match(key) or scrub_text(key) != key:
+        return "odd"
+    if _is_phi_key(key) or not safe:
+        return "redact"
+    return "safe"
+
+
+@functools.lru_cache(maxsize=8192)
+def _scrub_cached(text: str, free_text: bool) -> str:
+    return scrub_text(text, free_text=free_text)
 
 
 def _safe_value(key: str, value: Any) -> Any:
@@ -212,11 +232,11 @@ def redact(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
     out: dict[str, Any] = {}
     odd = 0
     for key, value in event_dict.items():
-        # Dynamic keys can be data themselves (a JWT, an MRN): rename any key the scrubbers would touch.
-        if not isinstance(key, str) or not _KEY_RE.match(key) or scrub_text(key) != key:
+        verdict = _key_verdict(key, key in SAFE_KEYS) if isinstance(key, str) else "odd"
+        if verdict == "odd":
             odd += 1
             out[f"redacted_key_{odd}"] = REDACTED
-        elif _is_phi_key(key) or key not in SAFE_KEYS:
+        elif verdict == "redact":
             out[key] = REDACTED
         else:
             out[key] = _safe_value(key, value)

@@ -20,6 +20,7 @@ from sidecar.metrics import Metrics
 from sidecar.ratelimit import ClientLimits, Limit, RateLimiter
 from sidecar.secretrefs import resolve
 from sidecar.state import StateStore, StateUnavailable, open_store
+from sidecar.state.cache import CachedReads
 from sidecar.state.flags import SharedKillFlags
 from sidecar.vault import VaultClient, VaultError, run_renewal
 
@@ -89,6 +90,7 @@ async def build_services(cfg: Config, base_dir: Path, *, pseudonym_secret: bytes
     except StateUnavailable as e:
         raise ConfigError(f"state store unavailable: {e}") from None
     idem = cfg.idempotency
+    hot = CachedReads(store, prefixes=("breaker:", "backoff:"))  # consulted on every request
     svc = Services(
         store=store,
         idempotency=Idempotency(store, ttl_s=idem.ttl_s, lease_s=idem.lease_s or cfg.upstream.timeout_s + 90,
@@ -96,9 +98,9 @@ async def build_services(cfg: Config, base_dir: Path, *, pseudonym_secret: bytes
                                 body_cap=idem.body_cap, body_key=derive_key(pseudonym_secret, "idempotency-receipts")),
         ratelimit=RateLimiter(store, _limits(cfg.rate_limit),
                               {c.id: _limits(c.rate_limit) for c in cfg.clients if c.rate_limit is not None}),
-        breaker=Breaker(store, threshold=cfg.breaker.threshold, cooldown_s=cfg.breaker.cooldown_s,
+        breaker=Breaker(hot, threshold=cfg.breaker.threshold, cooldown_s=cfg.breaker.cooldown_s,
                         probe_timeout_s=max(cfg.breaker.probe_timeout_s, cfg.upstream.timeout_s)),
-        backoff=Backoff(store, max_hold_s=cfg.backoff.max_hold_s),
+        backoff=Backoff(hot, max_hold_s=cfg.backoff.max_hold_s),
         metrics=Metrics([c.id for c in cfg.clients]),
         alerts=AlertEngine(cfg.alerts, clients=[c.id for c in cfg.clients]),
         vault=vault,
