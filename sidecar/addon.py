@@ -8,6 +8,7 @@ is not that one leaves the 503 in place.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import replace
@@ -149,18 +150,15 @@ class SidecarAddon:
             if d is not None and d.forward:
                 if corr:
                     resp.headers["x-correlation-id"] = corr
-                if self.mode == "reverse":
+                if self.mode == "reverse" and not flow.metadata.get(META + ".rewritten"):
                     self._rewrite_urls(flow)
-                sent = flow.metadata.get(META + ".sent")
-                if sent in ("not-sent", "unknown"):
-                    await self._pipeline().finish(d, None, self._raw(flow),
-                                                  outcome="failed" if sent == "not-sent" else "unknown",
-                                                  sent=sent == "unknown")
-                else:
-                    await self._pipeline().finish(
-                        d, resp.status_code, self._raw(flow),
-                        headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
-                        body=resp.raw_content or b"")
+                if flow.metadata.get(META + ".own-write"):
+                    await self._finish_own_write(flow, d)
+                    return
+                await self._pipeline().finish(
+                    d, resp.status_code, self._raw(flow),
+                    headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
+                    body=resp.raw_content or b"")
             self._log(d, resp.status_code)
         except Exception as e:
             # The request already went upstream: the app gets the upstream's true answer (a false
@@ -172,9 +170,21 @@ class SidecarAddon:
     async def error(self, flow: http.HTTPFlow) -> None:
         try:
             d: Decision | None = flow.metadata.get(META)
-            if d is not None and d.forward:
-                await self._pipeline().finish(d, None, self._raw(flow), outcome="unknown")
-                self._log(d, 502)
+            msg = flow.error.msg if flow.error else ""
+            client_side = msg.startswith("Client disconnected")
+            log.warning("flow error", error_type=msg[:80], correlation_id=d.correlation_id if d else None)
+            if d is None or not d.forward:
+                return
+            if flow.metadata.get(META + ".own-write"):
+                if META + ".sent" in flow.metadata:
+                    await self._finish_own_write(flow, d)  # answered, but the app left before the answer
+                else:
+                    flow.metadata[META + ".orphan"] = True  # the exchange still runs and records itself
+                return
+            # a read mitmproxy forwarded: only a failure on the EHR's side counts against the breaker
+            await self._pipeline().finish(d, None, self._raw(flow), outcome="unknown", sent=True,
+                                          upstream_failed=not client_side)
+            self._log(d, 499 if client_side else 502)
         except Exception as e:
             log.error("error hook failed", error_type=type(e).__name__)
         finally:
@@ -183,6 +193,12 @@ class SidecarAddon:
     # -- helpers -------------------------------------------------------------------------------
 
     async def _send_write(self, flow: http.HTTPFlow, d: Decision) -> None:
+        """The write leaves through our client. Shielded: if the app disconnects (mitmproxy then
+        cancels this hook), the exchange with the EHR still completes and its outcome is recorded."""
+        flow.metadata[META + ".own-write"] = True
+        await asyncio.shield(asyncio.ensure_future(self._exchange(flow, d)))
+
+    async def _exchange(self, flow: http.HTTPFlow, d: Decision) -> None:
         assert self.writer is not None
         r = flow.request
         host, port, scheme = self.upstream
@@ -190,21 +206,41 @@ class SidecarAddon:
         headers = [(k, v) for k, v in r.headers.items(multi=True) if k.lower() not in ("host", "content-length")]
         try:
             ans = await self.writer.send(r.method, url, headers, r.raw_content or b"")
-        except NotSent:
+        except NotSent as e:
+            log.warning("upstream not reached", correlation_id=d.correlation_id, error_type=str(e)[:60])
             flow.metadata[META + ".sent"] = "not-sent"
             flow.response = refusal_response(Refusal(502, "the EHR could not be reached; nothing was sent", "transient"),
                                              d.correlation_id)
-            return
-        except OutcomeUnknown:
+        except OutcomeUnknown as e:
+            log.warning("upstream outcome unknown", correlation_id=d.correlation_id, error_type=str(e)[:60])
             flow.metadata[META + ".sent"] = "unknown"
             flow.response = refusal_response(
                 Refusal(504, "the EHR did not answer in time: the outcome is unknown; do not retry without "
                              "reconciling (Idempotency-Key stays reserved)", "timeout"), d.correlation_id)
+        else:
+            resp = http.Response.make(ans.status, b"", [(k.lower().encode(), v.encode("latin-1"))
+                                                         for k, v in ans.headers])
+            resp.raw_content = ans.body
+            resp.headers["content-length"] = str(len(ans.body))
+            flow.metadata[META + ".sent"] = "answered"
+            flow.response = resp
+            if self.mode == "reverse":  # before any receipt is cut from it, also for an app that left
+                self._rewrite_urls(flow)
+                flow.metadata[META + ".rewritten"] = True
+        if flow.metadata.get(META + ".orphan"):
+            await self._finish_own_write(flow, d)
+
+    async def _finish_own_write(self, flow: http.HTTPFlow, d: Decision) -> None:
+        sent, resp = flow.metadata.get(META + ".sent"), flow.response
+        if sent in ("not-sent", "unknown") or resp is None:
+            await self._pipeline().finish(d, None, self._raw(flow), outcome="failed" if sent == "not-sent" else "unknown",
+                                          sent=sent != "not-sent")
+            self._log(d, 502 if sent == "not-sent" else 504)
             return
-        resp = http.Response.make(ans.status, b"", [(k.lower().encode(), v.encode("latin-1")) for k, v in ans.headers])
-        resp.raw_content = ans.body
-        resp.headers["content-length"] = str(len(ans.body))
-        flow.response = resp
+        await self._pipeline().finish(d, resp.status_code, self._raw(flow),
+                                      headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
+                                      body=resp.raw_content or b"")
+        self._log(d, resp.status_code)
 
     def _raw(self, flow: http.HTTPFlow) -> RawRequest:
         raw = flow.metadata.get(META + ".raw")

@@ -237,7 +237,7 @@ class Pipeline:
 
     async def finish(self, d: Decision, status: int | None, raw: RawRequest, *,
                      headers: tuple[tuple[str, str], ...] = (), body: bytes = b"", outcome: str | None = None,
-                     sent: bool = True) -> None:
+                     sent: bool = True, upstream_failed: bool = True) -> None:
         """After the upstream answered (status) or failed (None): breaker, back-off, receipt,
         audit `outcome`/`read`, metrics and alerts. The response is already decided; nothing here
         may turn a write that happened into a false failure."""
@@ -246,7 +246,8 @@ class Pipeline:
         cls, who = d.classification, d.principal
         retry_after = next((v for k, v in headers if k.lower() == "retry-after"), None)
         steps = (
-            self.svc.breaker.record(status, probe=d.probe),
+            # a client that went away says nothing about the EHR: only its own failures count
+            self.svc.breaker.record(status, probe=d.probe) if status is not None or upstream_failed else None,
             self.svc.backoff.record(status, retry_after) if status in (429, 503) else None,
             self._settle_receipt(d, status, headers, body, retry_after is not None, sent),
         )

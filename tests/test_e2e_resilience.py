@@ -189,3 +189,24 @@ def test_vault_credentials_injected_app_key_never_upstream(run, sandbox, openbao
     audit = (sc.cfg_path.parent / "audit.jsonl").read_text()
     for text in (out, audit):
         assert secret not in text and root not in text and lab_key not in text
+
+
+def test_app_disconnecting_mid_write_is_recorded_and_not_an_ehr_failure(run, sandbox):
+    import socket
+
+    sc = run(breaker={"threshold": 2, "cooldown_s": 60, "probe_timeout_s": 60})
+    sandbox.set_faults(delay_ms=800, methods=["POST"])
+    for i in range(3):
+        raw = (f"POST {BASE}/Observation HTTP/1.1\r\nHost: x\r\nX-API-Key: {WRITER_KEY}\r\n"
+               f"Content-Type: application/fhir+json\r\nX-Correlation-ID: gone-away-{i:04d}\r\n"
+               f"Content-Length: {len(body())}\r\n\r\n").encode() + body()
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(raw)
+            time.sleep(0.2)  # the app gives up while the EHR is still working
+    time.sleep(1.5)
+    sandbox.set_faults()
+    assert creates(sandbox) == 3  # the writes happened
+    audit = [json.loads(x) for x in (sc.cfg_path.parent / "audit.jsonl").read_text().splitlines() if x.startswith("{")]
+    outcomes = {r["correlation_id"]: r.get("outcome") for r in audit if r["kind"] == "outcome"}
+    assert [outcomes.get(f"gone-away-{i:04d}") for i in range(3)] == ["committed"] * 3
+    assert request(sc.port, "POST", f"{BASE}/Observation", body(), wh())[0] == 201  # breaker still closed
