@@ -61,6 +61,9 @@ class AuditStats:
     unknown_outcomes: int = 0    # written at start-up for intents without an outcome
 
 
+LAZY_SYNC_S = 0.2  # records nobody waits for are fsync'd at most this late
+
+
 class AuditWriter:
     def __init__(self, path: str | os.PathLike[str], secrets: dict[str, bytes],
                  active_key_id: str, chain: str = "main", *,
@@ -105,6 +108,8 @@ class AuditWriter:
         self._opened_at = 0.0          # clock() when the active file was started
         self._next_rotation = 1        # n of the next rotated file name
         self._buf: list[bytes] = []
+        self._last_sync = float('-inf')   # perf_counter of the last fsync
+        self._dirty = False               # bytes written since the last fsync
         self._buf_kinds: Counter[str] = Counter()
         self._waiters: list[asyncio.Future[None]] = []
         self._checkpoints: list[dict[str, Any]] = []   # emitted once durable
@@ -260,10 +265,14 @@ class AuditWriter:
                         if not await self._rotate():
                             return
                         continue
+                    timeout = self._idle_timeout()
+                    if self._dirty:
+                        timeout = LAZY_SYNC_S if timeout is None else min(timeout, LAZY_SYNC_S)
                     try:
-                        await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
+                        await asyncio.wait_for(self._wake.wait(), timeout)
                     except TimeoutError:
-                        pass
+                        if self._dirty and not await self._flush():   # an empty batch: the lazy fsync
+                            return
                     self._wake.clear()
                     continue
                 if not await self._flush():
@@ -293,7 +302,14 @@ class AuditWriter:
         self._buf, self._waiters, self._checkpoints, self._buf_kinds = [], [], [], Counter()
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self._write_and_sync, data)
+            if not waiters and not checkpoints and started - self._last_sync < LAZY_SYNC_S:
+                # nobody waits for these (reads, denials, outcomes): write to the page cache now,
+                # fsync with the next durable batch or within LAZY_SYNC_S (no thread hop per read)
+                self._write_all(data)
+                self._dirty = True
+            else:
+                await asyncio.to_thread(self._write_and_sync, data)
+                self._last_sync, self._dirty = time.perf_counter(), False
         except BaseException as exc:
             self._fail(exc, waiters)
             if not isinstance(exc, Exception):
@@ -344,8 +360,7 @@ class AuditWriter:
         fsync_dir(self._path, self._fsync)   # the rename and the create, durably
         log.info("audit file rotated (rotation %d)", self._next_rotation - 1)
 
-    def _write_and_sync(self, data: bytes) -> None:
-        """Worker thread: one write (looped only on a short write), one fsync."""
+    def _write_all(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
@@ -353,6 +368,12 @@ class AuditWriter:
             if n <= 0:
                 raise OSError(errno.EIO, "short write to audit file")
             view = view[n:]
+
+    def _write_and_sync(self, data: bytes) -> None:
+        """Worker thread: one write (looped only on a short write), one fsync."""
+        assert self._fd is not None
+        if data:
+            self._write_all(data)
         self._fsync(self._fd)
 
     def _fail(self, exc: BaseException, waiters: list[asyncio.Future[None]]) -> None:
