@@ -278,12 +278,14 @@ class SidecarAddon:
             fields.append((b"x-forwarded-for", flow.client_conn.peername[0].encode()))
         if req.raw_body:
             fields.append((b"content-length", str(len(req.raw_body)).encode()))
-        r.headers = http.Headers(fields)
-        r.method = req.method
+        r.headers.fields = tuple(fields)  # replace in place: a new Headers object costs type checks
+        if r.method != req.method:
+            r.method = req.method
         if self.mode == "transparent":
             # iptables sent us whatever the app addressed: the only place we ever connect is the EHR
             r.scheme, r.host, r.port = scheme, host, port
-        r.raw_content = req.raw_body
+        if (r.raw_content or b"") != req.raw_body:
+            r.raw_content = req.raw_body
 
     def _rewrite_urls(self, flow: http.HTTPFlow) -> None:
         """Upstream URLs in the answer point at the sidecar, so apps never learn a way around."""

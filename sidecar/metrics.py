@@ -44,6 +44,7 @@ def _pick(value: object, vocabulary: frozenset[str]) -> str:
 
 class Metrics:
     def __init__(self, clients: Iterable[str] = (), *, namespace: str = "fhir_sidecar") -> None:
+        self._children: dict[tuple, Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self._clients = frozenset(clients)
         ns, r = namespace, self.registry
@@ -93,13 +94,19 @@ class Metrics:
     def record_request(self, *, interaction: str | None, resource_type: str | None,
                        client: str | None, decision: str | None, status: int | None) -> None:
         """One per answered request (reads, writes, refusals alike)."""
-        self._requests.labels(
-            interaction=_pick(interaction, INTERACTIONS),
-            resource_type=_pick(resource_type, R4_RESOURCE_TYPES),
-            client=self.client_label(client),
-            decision=_pick(decision, DECISIONS),
-            status=self.status_label(status),
-        ).inc()
+        key = (interaction, resource_type, client, decision, status)
+        child = self._children.get(key)
+        if child is None:  # label lookups are the cost of a counter: resolve each combination once
+            child = self._requests.labels(
+                interaction=_pick(interaction, INTERACTIONS),
+                resource_type=_pick(resource_type, R4_RESOURCE_TYPES),
+                client=self.client_label(client),
+                decision=_pick(decision, DECISIONS),
+                status=self.status_label(status),
+            )
+            if len(self._children) < 10_000:
+                self._children[key] = child
+        child.inc()
 
     def observe_decision(self, seconds: float) -> None:
         self._decision.observe(max(seconds, 0.0))
