@@ -14,12 +14,16 @@ import uuid
 from dataclasses import replace
 from typing import Callable
 
-from mitmproxy import http
+from typing import Any
+
+from mitmproxy import http, tls
+from OpenSSL import crypto
 
 from sidecar.context_guard import read_body_confined
 from sidecar.errors import Refusal, deny, outcome_body, unavailable
 from sidecar.idempotency import Receipt
 from sidecar.logs import get_logger
+from sidecar.mtls import CertificateRejected, ClientCertVerifier
 from sidecar.parse import correlation_id, traceparent
 from sidecar.pipeline import Decision, Pipeline
 from sidecar.request import RawRequest
@@ -43,7 +47,7 @@ def replay_response(receipt: Receipt, correlation: str) -> http.Response:
     return http.Response.make(receipt.status, receipt.body or b"", headers)
 
 
-def raw_request(flow: http.HTTPFlow, mode: str) -> RawRequest:
+def raw_request(flow: http.HTTPFlow, mode: str, peer: str | None = None) -> RawRequest:
     r = flow.request
     headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in r.headers.fields)
     meta = flow.metadata.get(META + ".host")
@@ -57,6 +61,7 @@ def raw_request(flow: http.HTTPFlow, mode: str) -> RawRequest:
         host=meta or "",
         client_addr=flow.client_conn.peername[0] if flow.client_conn.peername else "",
         mode=mode,
+        peer_client=peer,
     )
 
 
@@ -65,9 +70,13 @@ class SidecarAddon:
 
     def __init__(self, pipeline_ref: Callable[[], Pipeline], *, mode: str, upstream_host: str,
                  upstream_port: int, upstream_scheme: str, upstream_base: str, base_path: str,
-                 writer: UpstreamClient | None = None) -> None:
+                 writer: UpstreamClient | None = None, require_tls: bool = False,
+                 mtls: ClientCertVerifier | None = None) -> None:
         self._pipeline = pipeline_ref
         self.writer = writer
+        self.require_tls = require_tls
+        self.mtls = mtls
+        self._peer_ids: dict[str, str] = {}   # client connection id -> verified mTLS client id
         self.mode = mode
         self.upstream = (upstream_host, upstream_port, upstream_scheme)
         self.upstream_base = upstream_base
@@ -76,6 +85,29 @@ class SidecarAddon:
         self.draining = False
 
     # -- hooks ---------------------------------------------------------------------------------
+
+    def tls_established_client(self, data: tls.TlsData) -> None:
+        """mTLS: mitmproxy asks for a client certificate but does not verify it; we do, once per
+        connection, from the handshake's own peer certificate (not mitmproxy's parsed list)."""
+        if self.mtls is None:
+            return
+        conn_id = data.context.client.id
+        try:
+            ssl_conn = data.ssl_conn
+            leaf = ssl_conn.get_peer_certificate() if ssl_conn is not None else None
+            if leaf is None:
+                return  # no certificate presented: other credentials may follow
+            chain = [leaf] + [c for c in (ssl_conn.get_peer_cert_chain() or [])]
+            der = [crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in chain]
+            self._peer_ids[conn_id] = self.mtls.verify(der)
+        except CertificateRejected as e:
+            self._peer_ids[conn_id] = "!" + e.reason  # a presented certificate that fails: 401 later
+        except Exception as e:
+            self._peer_ids[conn_id] = "!client certificate could not be verified"
+            log.error("mtls verification failed", error_type=type(e).__name__)
+
+    def client_disconnected(self, client: Any) -> None:
+        self._peer_ids.pop(getattr(client, "id", None), None)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Forward mode: CONNECT only to the EHR; anything else is refused, never tunnelled."""
@@ -97,11 +129,13 @@ class SidecarAddon:
             flow.metadata[META + ".counted"] = True
             # the Host the app addressed (keep_host_header): response URLs are rewritten to it
             flow.metadata[META + ".host"] = flow.request.host_header or ""
-            raw = raw_request(flow, self.mode)
+            raw = raw_request(flow, self.mode, self._peer_ids.get(flow.client_conn.id))
             flow.metadata[META + ".raw"] = raw
             corr = correlation_id(raw)
             if self.draining:
                 decision = Decision(corr, "", time.monotonic(), unavailable("sidecar is shutting down", 1))
+            elif self.require_tls and not flow.client_conn.tls_established:
+                decision = Decision(corr, "", time.monotonic(), deny("this listener requires TLS"))
             elif self.mode == "forward" and not self._is_upstream(flow):
                 decision = Decision(corr, "", time.monotonic(), deny("destination is not the EHR"))
             elif self.mode == "transparent" and not flow.client_conn.tls_established and self.upstream[2] == "https":

@@ -331,6 +331,8 @@ class Config(_Model):
         singles = [c for c in self.clients if c.auth == "single"]
         if singles and (len(self.clients) > 1 or not self.listen.is_loopback):
             raise ValueError("auth `single` is the one app in the pod: it must be the only client, on a loopback listener")
+        if any(c.auth == "mtls" for c in self.clients) and (self.identity.client_ca is None or self.listen.tls is None):
+            raise ValueError("mtls clients need identity.client_ca and listen.tls")
         if any(c.auth == "bearer" for c in self.clients):
             idn = self.identity
             if not (idn.jwks and idn.issuer and idn.audience) and idn.introspection is None:
@@ -349,13 +351,8 @@ class Config(_Model):
 def unsupported_features(cfg: Config) -> list[str]:
     """Parts of the contract this build does not implement yet: refused at start, never ignored."""
     out: list[str] = []
-    for c in cfg.clients:
-        if c.auth == "mtls":
-            out.append(f"client {c.id}: auth `mtls` is not available in this build")
     if cfg.policy.engine == "opa":
         out.append("policy.engine `opa` is not available in this build (use `embedded`)")
-    if cfg.listen.tls is not None:
-        out.append("listen.tls is not available in this build")
     return out
 
 

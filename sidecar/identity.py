@@ -53,6 +53,7 @@ class Identities:
     def __init__(self, cfg: Config, api_key_hashes: dict[str, str], tokens: TokenVerifier | None = None) -> None:
         self._tokens = tokens
         self._bearer = {c.id: c for c in cfg.clients if c.auth == "bearer"}
+        self._mtls = {c.id: principal_for(c) for c in cfg.clients if c.auth == "mtls"}
         self._api_keys: list[tuple[bytes, Principal]] = []
         self._single: Principal | None = None
         for c in cfg.clients:
@@ -65,8 +66,16 @@ class Identities:
         """`headers`: the request's single-valued headers (duplicates were refused by parse)."""
         api_key = headers.get("x-api-key")
         authorization = headers.get("authorization")
-        if api_key is not None and authorization is not None:
-            raise unauthenticated("two different credentials in one request", token_sent=True)
+        peer = headers.get("mtls")
+        if sum(x is not None for x in (api_key, authorization, peer)) > 1:
+            raise unauthenticated("two different credentials in one request", token_sent=authorization is not None)
+        if peer is not None:
+            if peer.startswith("!"):
+                raise unauthenticated(peer[1:])
+            found_peer = self._mtls.get(peer)
+            if found_peer is None:
+                raise unauthenticated("client certificate names no configured mtls client")
+            return found_peer
         if authorization is not None:
             return await self._bearer_principal(authorization)
         if api_key is not None:

@@ -321,7 +321,8 @@ def parse_request(
         body=parsed,
         raw_body=body_bytes,
         body_rewritten=rewritten,
-        credentials={k: single[k] for k in ("x-api-key", "authorization") if k in single},
+        credentials={**{k: single[k] for k in ("x-api-key", "authorization") if k in single},
+                     **({"mtls": raw.peer_client} if raw.peer_client else {})},
         correlation_id=correlation or correlation_id(raw),
         traceparent=trace or traceparent(raw),
     )

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -24,6 +27,7 @@ from sidecar.addon import SidecarAddon
 from sidecar.admin import AdminServer, bearer_ok
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.logs import get_logger
+from sidecar.mtls import ClientCertVerifier
 from sidecar.pipeline import Pipeline
 from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
 from sidecar.upstream import UpstreamClient
@@ -37,7 +41,7 @@ DRAIN_TIMEOUT_S = 30.0
 RESTART_KEYS = ("upstream", "listen", "admin", "audit") + SERVICE_KEYS
 
 
-def apply_options(opts: options.Options, cfg: Config) -> None:
+def apply_options(opts: options.Options, cfg: Config, tls_pem: str | None = None) -> None:
     """Set after the addons are added: their options do not exist before."""
     up, lis = cfg.upstream, cfg.listen
     mode = {"forward": "regular", "transparent": "transparent"}.get(lis.mode, f"reverse:{up.scheme}://{up.host}:{up.port}")
@@ -57,6 +61,10 @@ def apply_options(opts: options.Options, cfg: Config) -> None:
         opts.update(ssl_verify_upstream_trusted_ca=up.ca_bundle)
     if lis.confdir:
         opts.update(confdir=lis.confdir)
+    if tls_pem is not None:
+        opts.update(certs=[f"*={tls_pem}"])  # the certificate served to apps (listen.tls)
+    if any(c.auth == "mtls" for c in cfg.clients):
+        opts.update(request_client_cert=True)  # mitmproxy asks; the addon verifies the chain
 
 
 class Sidecar:
@@ -81,16 +89,23 @@ class Sidecar:
             self.admin_token = resolve(self.cfg.admin.token, base_dir=self.base_dir).reveal()
         up = self.cfg.upstream
         self.writer = UpstreamClient(verify=upstream_verify(self.cfg, self.base_dir), timeout_s=up.timeout_s)
+        mtls = None
+        if any(c.auth == "mtls" for c in self.cfg.clients):
+            ca = resolve(self.cfg.identity.client_ca or "", base_dir=self.base_dir).reveal() \
+                if (self.cfg.identity.client_ca or "").startswith(("env:", "file:", "vault:")) \
+                else (self.base_dir / (self.cfg.identity.client_ca or "")).read_text()
+            mtls = ClientCertVerifier(ca.encode())
         self.addon = SidecarAddon(
             lambda: self._current(), mode=self.cfg.listen.mode, upstream_host=up.host, upstream_port=up.port,
             upstream_scheme=up.scheme, upstream_base=up.base_url, base_path=up.base_path, writer=self.writer,
+            require_tls=self.cfg.listen.tls is not None, mtls=mtls,
         )
         self.master = Master(options.Options())
         self.master.addons.add(
             core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
             errorcheck.ErrorCheck(), self.addon,
         )
-        apply_options(self.master.options, self.cfg)
+        apply_options(self.master.options, self.cfg, self._listener_pem())
         self.admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self._admin)
         await self.admin.start()
         if self._install_signals:
@@ -114,7 +129,24 @@ class Sidecar:
             await self._current().rt.audit.close()
             await self._current().rt.svc.close()
             await self.writer.close()
+            if getattr(self, "_tls_dir", None) is not None:
+                shutil.rmtree(self._tls_dir, ignore_errors=True)
         return 0
+
+    def _listener_pem(self) -> str | None:
+        """listen.tls: key + certificate in one private file, as mitmproxy's `certs` option wants."""
+        tls = self.cfg.listen.tls
+        if tls is None:
+            return None
+        cert = resolve(tls.cert, base_dir=self.base_dir).reveal()
+        key = resolve(tls.key, base_dir=self.base_dir).reveal()
+        folder = Path(tempfile.mkdtemp(prefix="fhir-sidecar-tls-"))  # 0700
+        path = folder / "listener.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.strip() + "\n" + cert.strip() + "\n")
+        self._tls_dir = folder
+        return str(path)
 
     def _current(self) -> Pipeline:
         assert self.pipeline is not None

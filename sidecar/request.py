@@ -23,6 +23,7 @@ class RawRequest:
     host: str = ""                     # the Host the app addressed (its view of the sidecar / the EHR)
     client_addr: str = ""
     mode: str = "reverse"
+    peer_client: str | None = None     # mTLS: the verified client id, or "!reason" when it failed
 
     def header_values(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name]
