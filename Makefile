@@ -26,4 +26,7 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.created pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
+	# the real OPA engine (Go, as a C library) for policy parity tests: test-only, installed on its
+	# own because its metadata claims Python >= 3.14 (it runs on 3.11; see DEPENDENCIES.md)
+	$(PY) -m pip install -q --no-deps --ignore-requires-python opa-golib-python-bindings==0.4.4
 	touch $(VENV)/.installed $@

@@ -9,6 +9,7 @@ is not that one leaves the 503 in place.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import replace
@@ -31,6 +32,7 @@ from sidecar.upstream import NotSent, OutcomeUnknown, UpstreamClient
 
 log = get_logger("sidecar.request")
 META = "fhir_sidecar"
+STATUS_PREFIX = b"/.fhir-sidecar/requests/"
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade")
 
 
@@ -38,6 +40,32 @@ def refusal_response(refusal: Refusal, correlation: str) -> http.Response:
     headers = [(b"content-type", b"application/fhir+json"), (b"x-correlation-id", correlation.encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers]
     return http.Response.make(refusal.status, outcome_body(refusal, correlation), headers)
+
+
+def upstream_headers(d: Decision, upstream: tuple[str, int, str], client_ip: str | None) -> list[tuple[bytes, bytes]]:
+    """The only headers that go upstream: the allowlist, ours, and the credential that applies."""
+    req = d.request
+    assert req is not None
+    headers = dict(req.headers)
+    if d.principal is not None and d.principal.auth == "bearer" and "authorization" in req.credentials:
+        # a SMART app keeps its own verified token, so the EHR enforces what it reads too
+        headers["authorization"] = req.credentials["authorization"]
+    if d.authorization is not None:
+        headers["authorization"] = d.authorization  # the EHR credential; the app's was never forwarded
+    if d.prior is not None and d.prior.etag is not None:
+        headers["if-match"] = d.prior.etag  # nothing may change between the check and the write
+    fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+    host, port, scheme = upstream
+    default_port = 443 if scheme == "https" else 80
+    fields.append((b"host", (host if port == default_port else f"{host}:{port}").encode()))
+    fields.append((b"x-correlation-id", d.correlation_id.encode()))
+    fields.append((b"traceparent", d.traceparent.encode()))
+    fields.append((b"accept-encoding", b"identity"))  # plain responses: URLs can be rewritten
+    if client_ip:
+        fields.append((b"x-forwarded-for", client_ip.encode()))
+    if req.raw_body:
+        fields.append((b"content-length", str(len(req.raw_body)).encode()))
+    return fields
 
 
 def replay_response(receipt: Receipt, correlation: str) -> http.Response:
@@ -76,6 +104,7 @@ class SidecarAddon:
         self.writer = writer
         self.require_tls = require_tls
         self.mtls = mtls
+        self.review_polls = True  # GET /.fhir-sidecar/requests/{id} (held writes)
         self._peer_ids: dict[str, str] = {}   # client connection id -> verified mTLS client id
         self.mode = mode
         self.upstream = (upstream_host, upstream_port, upstream_scheme)
@@ -132,6 +161,9 @@ class SidecarAddon:
             raw = raw_request(flow, self.mode, self._peer_ids.get(flow.client_conn.id))
             flow.metadata[META + ".raw"] = raw
             corr = correlation_id(raw)
+            if self.review_polls and raw.method == "GET" and raw.target.startswith(STATUS_PREFIX):
+                await self._answer_poll(flow, raw, corr)
+                return
             if self.draining:
                 decision = Decision(corr, "", time.monotonic(), unavailable("sidecar is shutting down", 1))
             elif self.require_tls and not flow.client_conn.tls_established:
@@ -276,6 +308,24 @@ class SidecarAddon:
                                       body=resp.raw_content or b"")
         self._log(d, resp.status_code)
 
+    async def _answer_poll(self, flow: http.HTTPFlow, raw: RawRequest, corr: str) -> None:
+        """FHIR's asynchronous pattern for held writes: 202 while pending, then the outcome."""
+        from sidecar.approvals.service import item_id_from_status_path
+
+        item_id = item_id_from_status_path(raw.target.decode("ascii", "replace").split("?", 1)[0])
+        if item_id is None:
+            flow.response = refusal_response(deny("unknown status URL"), corr)
+            return
+        try:
+            status, body = await self._pipeline().poll(raw, corr, item_id)
+        except Refusal as r:
+            flow.response = refusal_response(r, corr)
+            return
+        headers = [(b"content-type", b"application/fhir+json"), (b"x-correlation-id", corr.encode())]
+        if status == 202:
+            headers.append((b"retry-after", b"10"))
+        flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
+
     def _raw(self, flow: http.HTTPFlow) -> RawRequest:
         raw = flow.metadata.get(META + ".raw")
         return raw if raw is not None else raw_request(flow, self.mode)
@@ -293,30 +343,14 @@ class SidecarAddon:
         req = d.request
         assert req is not None
         r = flow.request
-        headers = dict(req.headers)
-        if d.principal is not None and d.principal.auth == "bearer" and "authorization" in req.credentials:
-            # a SMART app keeps its own verified token, so the EHR enforces what it reads too
-            headers["authorization"] = req.credentials["authorization"]
-        if d.authorization is not None:
-            headers["authorization"] = d.authorization  # the EHR credential; the app's was never forwarded
-        if d.prior is not None and d.prior.etag is not None:
-            headers["if-match"] = d.prior.etag  # nothing may change between the check and the write
-        fields: list[tuple[bytes, bytes]] = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
-        host, port, scheme = self.upstream
-        default_port = 443 if scheme == "https" else 80
-        fields.append((b"host", (host if port == default_port else f"{host}:{port}").encode()))
-        fields.append((b"x-correlation-id", d.correlation_id.encode()))
-        fields.append((b"traceparent", d.traceparent.encode()))
-        fields.append((b"accept-encoding", b"identity"))  # plain responses: URLs can be rewritten
-        if flow.client_conn.peername:
-            fields.append((b"x-forwarded-for", flow.client_conn.peername[0].encode()))
-        if req.raw_body:
-            fields.append((b"content-length", str(len(req.raw_body)).encode()))
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        fields = upstream_headers(d, self.upstream, peer)
         r.headers.fields = tuple(fields)  # replace in place: a new Headers object costs type checks
         if r.method != req.method:
             r.method = req.method
         if self.mode == "transparent":
             # iptables sent us whatever the app addressed: the only place we ever connect is the EHR
+            host, port, scheme = self.upstream
             r.scheme, r.host, r.port = scheme, host, port
         if (r.raw_content or b"") != req.raw_body:
             r.raw_content = req.raw_body

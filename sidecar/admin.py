@@ -49,15 +49,18 @@ class AdminServer:
                 except Exception as e:  # the admin API answers, it never crashes the listener
                     log.error("admin handler failed", error_type=type(e).__name__)
                     status, payload = 500, {"error": "internal error"}
-                if isinstance(payload, tuple):
-                    data, ctype = payload
+                extra: list[tuple[str, str]] = []
+                if isinstance(payload, tuple):  # (body, content type[, extra headers])
+                    data, ctype, *rest = payload
+                    extra = list(rest[0]) if rest else []
                 elif isinstance(payload, bytes):
                     data, ctype = payload, "text/plain; version=0.0.4"
                 else:
                     data, ctype = json.dumps(payload).encode(), "application/json"
-                writer.write(conn.send(h11.Response(status_code=status, headers=[
-                    ("content-type", ctype), ("content-length", str(len(data))), ("cache-control", "no-store"),
-                ])))
+                hdrs = [("content-type", ctype), ("content-length", str(len(data))), *extra]
+                if not any(k.lower() == "cache-control" for k, _ in extra):
+                    hdrs.append(("cache-control", "no-store"))
+                writer.write(conn.send(h11.Response(status_code=status, headers=hdrs)))
                 writer.write(conn.send(h11.Data(data=data)))
                 writer.write(conn.send(h11.EndOfMessage()))
                 await writer.drain()

@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--request", required=True, help="JSON: {method, target, headers, body, current?}")
     pe.set_defaults(fn=cmd_policy_eval)
 
+    from sidecar.approvals.cli import add_parser as add_approvals
+
+    add_approvals(sub)
+
     s = sub.add_parser("sandbox", help="the bundled sandbox EHR alone")
     s.add_argument("--port", type=int, default=8081)
     s.set_defaults(fn=cmd_sandbox)

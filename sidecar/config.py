@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sidecar.alerts import AlertsConfig
+from sidecar.approvals.config import ApprovalsConfig, check_reviewers_against_clients
 from sidecar.scopes import parse_scope
 from sidecar.secretrefs import check_ref
 
@@ -230,11 +231,6 @@ class Audit(_Model):
         return {"k1": self.key or ""}, "k1"
 
 
-class Approvals(_Model):
-    release_credentials: SecretRef | None = None
-    ttl_s: int = Field(86_400, gt=0)
-
-
 class Vault(_Model):
     url: str
     auth: Literal["token", "approle", "kubernetes"] = "token"
@@ -310,7 +306,7 @@ class Config(_Model):
     policy: Policy = Field(default_factory=Policy)
     killswitch: KillSwitch = Field(default_factory=KillSwitch)
     audit: Audit
-    approvals: Approvals = Field(default_factory=Approvals)
+    approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
     vault: Vault | None = None
     state: State = Field(default_factory=State)
     idempotency: Idempotency = Field(default_factory=Idempotency)
@@ -328,6 +324,7 @@ class Config(_Model):
         hashes = [c.api_key_sha256.lower() for c in self.clients if c.api_key_sha256 and _is_sha256_hex(c.api_key_sha256)]
         if len(set(hashes)) != len(hashes):
             raise ValueError("two clients share one api_key_sha256: a key must identify exactly one client")
+        check_reviewers_against_clients(self.approvals, ids)
         singles = [c for c in self.clients if c.auth == "single"]
         if singles and (len(self.clients) > 1 or not self.listen.is_loopback):
             raise ValueError("auth `single` is the one app in the pod: it must be the only client, on a loopback listener")

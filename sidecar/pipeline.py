@@ -107,13 +107,14 @@ class Pipeline:
     async def identify(self, req: FhirRequest, cls: Classification) -> Principal:
         return await self.rt.identities.identify(req.credentials, public=cls.public)
 
-    async def guard(self, req: FhirRequest, cls: Classification, who: Principal) -> tuple[Prior | None, bool]:
+    async def guard(self, req: FhirRequest, cls: Classification, who: Principal, *, raw: RawRequest | None = None,
+                    release: Any = None) -> tuple[Prior | None, bool]:
         guards.check_scopes(cls, who)
         guards.check_valid(req, cls)
         prior = await self.prior_state(req, cls, who)
         confine = check_context(req, cls, who, prior, self._upstream_base)
         if self.rt.policy is not None and cls.is_write:
-            await self._policy(req, cls, who, prior)
+            await self._policy(req, cls, who, prior, raw=raw, release=release)
         return prior, confine
 
     async def prior_state(self, req: FhirRequest, cls: Classification, who: Principal) -> Prior | None:
@@ -140,15 +141,18 @@ class Pipeline:
             prior = Prior(prior.current, prior.etag, result)
         return prior
 
-    async def audit(self, req: FhirRequest, cls: Classification, who: Principal, raw: RawRequest) -> int | None:
+    async def audit(self, req: FhirRequest, cls: Classification, who: Principal, raw: RawRequest, *,
+                    release: Any = None) -> int | None:
         """Writes: a durable `intent` before anything leaves. Reads: the sink must be healthy."""
         a = self.rt.audit
         if cls.is_write:
             try:
                 # the one case where the sidecar changes a body: the audit record says so
                 note = ["body URLs rewritten from the sidecar base to the upstream base"] if req.body_rewritten else None
-                rec = await a.append(self._fields("intent", req, cls, who, raw, decision="allow", reasons=note),
-                                     durable=True)
+                fields = self._fields("intent", req, cls, who, raw, decision="allow", reasons=note)
+                if release is not None:  # the release names the hold and who approved it
+                    fields.update(review_id=release.item_id, reviewer=",".join(release.approvals)[:1000])
+                rec = await a.append(fields, durable=True)
             except AuditUnavailable:
                 raise unavailable("audit sink unavailable") from None
             return int(rec["seq"])
@@ -158,7 +162,10 @@ class Pipeline:
 
     # -- the walk ------------------------------------------------------------------------------
 
-    async def decide(self, raw: RawRequest, correlation: str, trace: str) -> Decision:
+    async def decide(self, raw: RawRequest, correlation: str, trace: str, *, release: Any = None) -> Decision:
+        """`release`: an approved held write (sidecar.approvals.service.Release) being forwarded:
+        it runs as the original client (no credential to identify), under the release credential,
+        with the reviewers in `context.approvals`; it is never held a second time."""
         started = time.monotonic()
         req: FhirRequest | None = None
         cls: Classification | None = None
@@ -168,16 +175,16 @@ class Pipeline:
             try:
                 req = self.parse(raw, correlation, trace)
                 cls = self.classify(req)
-                who = await self.identify(req, cls)
+                who = release.principal_now if release is not None else await self.identify(req, cls)
                 await self.admit(cls, who)
                 held, replay = await self.reserve(raw, req, cls, who)
                 if replay is not None:
                     await self._record(self._fields("replay", req, cls, who, raw, decision="replay",
                                                     reasons=["idempotent replay of a completed write"]))
                     return Decision(correlation, trace, started, None, req, cls, who, replay=replay)
-                prior, confine = await self.guard(req, cls, who)
-                auth, probe = await self.upstream_gate(cls, who)
-                seq = await self.audit(req, cls, who, raw)
+                prior, confine = await self.guard(req, cls, who, raw=raw, release=release)
+                auth, probe = await self.upstream_gate(cls, who, release=release)
+                seq = await self.audit(req, cls, who, raw, release=release)
                 if held is not None:
                     await self.svc.idempotency.mark_sent(who.client_id or "", held.key, held.token, self._in_flight_s)
             except StateUnavailable as e:
@@ -222,10 +229,11 @@ class Pipeline:
             return None, found.receipt
         raise found.refusal()
 
-    async def upstream_gate(self, cls: Classification, who: Principal) -> tuple[str | None, bool]:
+    async def upstream_gate(self, cls: Classification, who: Principal, *, release: Any = None) -> tuple[str | None, bool]:
         """The EHR credential to inject, then back-off and breaker: never hammer a struggling EHR."""
         auth = None
-        cred = self.svc.credentials.get(who.client_id or "")
+        # a held write is released under approvals.release_credentials: the app's token has expired
+        cred = self.svc.release_credential if release is not None else self.svc.credentials.get(who.client_id or "")
         if cred is not None:
             try:
                 auth = await cred.authorization()
@@ -317,12 +325,14 @@ class Pipeline:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    async def _policy(self, req: FhirRequest, cls: Classification, who: Principal, prior: Prior | None) -> None:
+    async def _policy(self, req: FhirRequest, cls: Classification, who: Principal, prior: Prior | None, *,
+                      raw: RawRequest | None = None, release: Any = None) -> None:
         from sidecar.policy.input import build_input  # the policy package is optional at import
 
         policy = self.rt.policy
         assert policy is not None
-        doc = build_input(req, cls, who, shadow=self.rt.cfg.policy.shadow,
+        approvals = list(release.approvals) if release is not None else []
+        doc = build_input(req, cls, who, shadow=self.rt.cfg.policy.shadow, approvals=approvals,
                           current=prior.current if prior else None, result=prior.result if prior else None)
         try:
             decision = await policy.decide(doc)
@@ -336,6 +346,8 @@ class Pipeline:
             return
         text = "; ".join(str(r) for r in reasons[:5])[:500] or "denied by policy"
         if who.enforce and not self.rt.cfg.policy.shadow:
+            if decision.get("review") is True and raw is not None and release is None:
+                await self._hold(raw, req, cls, who, prior, decision)  # raises: 202 or 403 naming the hold
             raise Refusal(403, f"policy: {text}")
         # shadow: the decision is reported, not enforced (identity, scopes, hardening still are)
         self.svc.metrics.would_deny(who.client_id)
@@ -367,6 +379,29 @@ class Pipeline:
             f["policy_revision"] = self.rt.policy.revision
         return f
 
+    async def _hold(self, raw: RawRequest, req: FhirRequest, cls: Classification, who: Principal,
+                    prior: Prior | None, decision: dict[str, Any]) -> None:
+        """A write the policy sends to review: stored encrypted, nothing forwarded, the app told so."""
+        from sidecar.approvals.service import hold_request_from
+
+        service = self.svc.approvals.service
+        assert self.rt.policy is not None
+        held = await service.hold(hold_request_from(raw, req, cls, who, prior, decision,
+                                                    policy_revision=self.rt.policy.revision))
+        try:
+            await self.rt.audit.append(held.audit, durable=True)
+        except AuditUnavailable:
+            raise unavailable("audit sink unavailable") from None
+        raise held.refusal(respond_async="respond-async" in req.headers.get("prefer", "").lower())
+
+    async def poll(self, raw: RawRequest, correlation: str, item_id: str) -> tuple[int, dict[str, Any]]:
+        """`GET /.fhir-sidecar/requests/{id}`: only the requesting client learns how its held write ended."""
+        creds = {k: v for k, v in raw.headers if k in ("x-api-key", "authorization")}
+        if raw.peer_client:
+            creds["mtls"] = raw.peer_client
+        who = await self.rt.identities.identify(creds, public=False)
+        return await self.svc.approvals.service.status_response(item_id, who.client_id)
+
     async def _record(self, fields: dict[str, Any]) -> None:
         try:
             await self.rt.audit.append(fields, durable=False)
@@ -381,6 +416,8 @@ class Pipeline:
 
     async def _record_refusal(self, refusal: Refusal, raw: RawRequest, req: FhirRequest | None,
                               cls: Classification | None, who: Principal | None, correlation: str) -> None:
+        if refusal.decision == "review":
+            return  # the hold wrote its own `review` record
         fields = self._fields("deny", req, cls, who, raw, decision=refusal.decision, reasons=[refusal.reason])
         fields.setdefault("correlation_id", correlation)
         fields["upstream_status"] = None

@@ -32,7 +32,10 @@ from sidecar.pipeline import Pipeline
 from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
 from sidecar.upstream import UpstreamClient
 from sidecar.secretrefs import resolve
-from sidecar.services import SERVICE_KEYS
+from sidecar.addon import upstream_headers
+from sidecar.request import RawRequest
+from sidecar.services import SERVICE_KEYS, start_sweeper
+from sidecar.upstream import NotSent, OutcomeUnknown
 from sidecar.state.flags import set_killswitch
 
 log = get_logger("sidecar.proxy")
@@ -113,6 +116,10 @@ class Sidecar:
             loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
             loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.drain()))
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        hooks = rt.svc.approvals.hooks
+        hooks.audit = lambda f: self._current().rt.audit.append(f, durable=True)
+        hooks.release = self._release
+        start_sweeper(rt.svc, self._on_review_alert)
         poll = asyncio.create_task(self._poll_killswitch())
         await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": ["config loaded"],
                                "policy_revision": rt.policy.revision if rt.policy else None}, durable=True)
@@ -176,6 +183,59 @@ class Sidecar:
                 log.error("kill switch poll failed", error_type=type(e).__name__)
             await asyncio.sleep(0.5)
 
+    async def _on_review_alert(self, alert: Any) -> None:
+        svc = self._current().rt.svc
+        svc.metrics.alert(alert.kind)
+        log.warning("alert", **alert.log_fields())
+        if svc.webhook is not None:
+            svc.webhook.submit(alert)
+        await _safe_append(self._current().rt, alert.audit_fields())
+
+    async def _release(self, rel: Any) -> None:
+        """Forward an approved held write exactly once: kill switch, scopes and policy are checked
+        again (with the reviewers in context.approvals), the stored bytes go out under the release
+        credential with the original correlation id and an idempotency key derived from the hold."""
+        from types import SimpleNamespace
+
+        from sidecar.approvals.service import release_principal
+
+        pipe = self._current()
+        svc, up = pipe.rt.svc, self.cfg.upstream
+        approvals = svc.approvals.service
+        client = self.cfg.client(rel.client_id)
+        if client is None:
+            await approvals.release_refused(rel.item_id, 403, token=rel.token)
+            return
+        raw = RawRequest(rel.method, rel.target.encode("latin-1"), rel.raw_headers(), rel.body, mode="release")
+        ctx = SimpleNamespace(item_id=rel.item_id, approvals=rel.approvals,
+                              principal_now=release_principal(rel, client))
+        d = await pipe.decide(raw, rel.correlation_id, "", release=ctx)
+        if d.refusal is not None:
+            await approvals.release_refused(rel.item_id, d.refusal.status, token=rel.token,
+                                            retry=d.refusal.status in (429, 503))
+            return
+        if d.replay is not None:  # released before (a double click): the stored outcome stands
+            loc = next((v for k, v in d.replay.headers if k.lower() == "location"), None)
+            await approvals.record_outcome(rel.item_id, d.replay.status, _relative(loc, up.base_url), token=rel.token)
+            return
+        req = d.request
+        assert req is not None
+        fields = [(k.decode(), v.decode("latin-1")) for k, v in upstream_headers(d, (up.host, up.port, up.scheme), None)
+                  if k not in (b"host", b"content-length")]
+        try:
+            ans = await self.writer.send(req.method, f"{up.scheme}://{up.host}:{up.port}{rel.target}", fields, req.raw_body)
+        except NotSent:
+            await pipe.finish(d, None, raw, outcome="failed", sent=False)
+            await approvals.release_refused(rel.item_id, 502, token=rel.token, retry=True)
+            return
+        except OutcomeUnknown:
+            await pipe.finish(d, None, raw, outcome="unknown")
+            await approvals.record_outcome(rel.item_id, None, None, token=rel.token)
+            return
+        await pipe.finish(d, ans.status, raw, headers=ans.headers, body=ans.body)
+        loc = next((v for k, v in ans.headers if k.lower() == "location"), None)
+        await approvals.record_outcome(rel.item_id, ans.status, _relative(loc, up.base_url), token=rel.token)
+
     async def drain(self) -> None:
         """SIGTERM: stop listening, let in-flight requests finish, then exit."""
         if self.addon is None or self.master is None or self.addon.draining:
@@ -228,6 +288,9 @@ class Sidecar:
             return (503 if problems else 200), {"ready": not problems, "problems": problems}
         if path == "/metrics" and method == "GET":
             return 200, (rt.svc.metrics.render(), rt.svc.metrics.content_type)
+        got = await rt.svc.approvals.admin(method, target, headers, body)  # /review/ page, /admin/approvals
+        if got is not None:
+            return got
         if not path.startswith("/admin/"):
             return 404, {"error": "not found"}
         if not bearer_ok(headers, self.admin_token):
@@ -279,3 +342,17 @@ def _version() -> str:
     from sidecar import __version__
 
     return __version__
+
+
+def _relative(location: str | None, upstream_base: str) -> str | None:
+    """A Location relative to the FHIR base: apps never learn the EHR's address."""
+    if location and location.startswith(upstream_base + "/"):
+        return location[len(upstream_base) + 1:]
+    return location if location and "://" not in location else None
+
+
+async def _safe_append(rt: Any, fields: dict) -> None:
+    try:
+        await rt.audit.append(fields, durable=False)
+    except Exception as e:
+        log.error("audit record failed", error_type=type(e).__name__)

@@ -95,7 +95,9 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
     refs, active = cfg.audit.key_refs()
     pseudo_secret = secrets.get("pseudonym") or secrets["audit"][next(iter(refs))]
     if services is None:
-        services = await build_services(cfg, base_dir, pseudonym_secret=pseudo_secret, vault=vault)
+        admin_token = resolve(cfg.admin.token, base_dir=base_dir).reveal() if cfg.admin.token else None
+        services = await build_services(cfg, base_dir, pseudonym_secret=pseudo_secret, vault=vault,
+                                        admin_token=admin_token)
     metrics = services.metrics
     if audit is None:
         path = Path(cfg.audit.path)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.alerts import AlertEngine, WebhookSender
+from sidecar.approvals import build_approvals, run_sweeper
+from sidecar.approvals.service import Hooks
 from sidecar.audit.record import derive_key
 from sidecar.breaker import Backoff, Breaker
 from sidecar.config import Config, ConfigError
@@ -26,7 +28,7 @@ from sidecar.vault import VaultClient, VaultError, run_renewal
 
 log = get_logger("sidecar.services")
 # Config sections held by these services: changing them needs a restart, a reload says so.
-SERVICE_KEYS = ("state", "vault", "idempotency", "rate_limit", "breaker", "backoff", "alerts")
+SERVICE_KEYS = ("state", "vault", "idempotency", "rate_limit", "breaker", "backoff", "alerts", "approvals")
 
 
 def _limits(cfg: Any) -> ClientLimits:
@@ -49,6 +51,8 @@ class Services:
     webhook: WebhookSender | None = None
     vault: VaultClient | None = None
     credentials: dict[str, UpstreamCredential] = field(default_factory=dict)
+    approvals: Any = None                       # sidecar.approvals.Approvals (the review queue)
+    release_credential: UpstreamCredential | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -78,7 +82,7 @@ def vault_client(cfg: Config, base_dir: Path) -> VaultClient | None:
 
 
 async def build_services(cfg: Config, base_dir: Path, *, pseudonym_secret: bytes,
-                         vault: VaultClient | None) -> Services:
+                         vault: VaultClient | None, admin_token: str | None = None) -> Services:
     store_spec = cfg.state.store
     if store_spec.startswith("sqlite:") and not store_spec.startswith("sqlite:/"):
         store_spec = f"sqlite:{base_dir / store_spec[len('sqlite:'):]}"
@@ -127,7 +131,22 @@ async def build_services(cfg: Config, base_dir: Path, *, pseudonym_secret: bytes
             svc.credentials[c.id] = cred
     if vault is not None:
         svc._tasks.append(asyncio.create_task(run_renewal(vault, svc._stop)))
+    svc.approvals = build_approvals(
+        store, cfg.approvals, secret=pseudonym_secret, hooks=Hooks(audit=lambda f: None), admin_token=admin_token,
+        resolve=lambda ref: resolve(ref, base_dir=base_dir, vault=vault.read if vault else None).reveal(),
+        pseudonym_key=derive_key(pseudonym_secret, "pseudonym"), registry=svc.metrics.registry)
+    if cfg.approvals.release_credentials:
+        svc.release_credential = build_credential(cfg.approvals.release_credentials, reader)
+        try:
+            await svc.release_credential.prime()
+        except Exception as e:
+            raise ConfigError(f"approvals.release_credentials unavailable ({type(e).__name__})") from None
     return svc
+
+
+def start_sweeper(svc: Services, on_alert: Any) -> None:
+    """Expire holds, re-offer releases, raise `review_overdue` alerts (hooks must be bound first)."""
+    svc._tasks.append(asyncio.create_task(run_sweeper(svc.approvals, svc._stop, on_alert=on_alert)))
 
 
 async def _refresh_flags(flags: SharedKillFlags, stop: asyncio.Event) -> None:

@@ -3,82 +3,355 @@
 The policy directory holds `*.rego` modules (tests `*_test.rego` are left out of the serving
 bundle) and `*.json` data files merged under `data`. `revision` is a hash of all of them, and
 travels into logs and audit records.
+
+The decision is read from rego-cpp's result *nodes*, never from its JSON text: regopy 1.5 prints
+strings without escaping them (a `"` inside a reason ends the string early), so parsing that text
+would let a policy that echoes request values into its reasons change the decision's structure
+(`..."], "allow": true, ...`). The node tree keeps the structure exact.
+
+Hot reload: `EmbeddedPolicy.load(...)` or `policy.reload()` build a complete new engine (compile,
+then evaluate a probe input) and raise `PolicyLoadError` with the reason if that fails, so the
+caller keeps serving with the engine it has.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regopy import Input, Interpreter
+from regopy import Interpreter
+from regopy.rego_shared import (
+    LogLevel,
+    NodeKind,
+    rego,
+    rego_bundle_node,
+    rego_free_input,
+    rego_free_output,
+    rego_get_error,
+    rego_node_get,
+    rego_node_json,
+    rego_node_size,
+    rego_node_value,
+    rego_output_node,
+    rego_output_ok,
+    rego_output_string,
+    rego_set_input,
+)
 
 from sidecar.config import ConfigError
 
 
 class PolicyLoadError(ConfigError):
-    pass
+    """The policy does not load, compile or decide: the caller keeps its previous engine."""
+
+
+class PolicyEvalError(RuntimeError):
+    """One evaluation failed or was undefined: the caller answers 503 (fail closed)."""
+
+
+@dataclass(frozen=True)
+class PolicyFiles:
+    modules: dict[str, str]   # relative path -> Rego source
+    data: dict[str, Any]      # all data files merged
+    revision: str             # sha256 prefix over every file read (names and contents)
+
+
+def read_policy_dir(directory: Path, *, include_tests: bool = False) -> PolicyFiles:
+    """Read `*.rego` (test modules only if asked) and `*.json` data under `directory`."""
+    if not directory.is_dir():
+        raise PolicyLoadError(f"policy.dir {directory} is not a directory")
+    modules: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    digest = hashlib.sha256()
+    for f in sorted(directory.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(directory).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue  # editor swap files, .git, ...
+        if f.suffix == ".rego":
+            if f.name.endswith("_test.rego") and not include_tests:
+                continue
+            src = _read(f, rel)
+            modules[rel] = src
+        elif f.suffix == ".json":
+            src = _read(f, rel)
+            try:
+                _merge(data, json.loads(src))
+            except (ValueError, TypeError) as e:
+                raise PolicyLoadError(f"policy data {rel}: {e}") from None
+        else:
+            continue
+        digest.update(rel.encode() + b"\0" + src.encode() + b"\0")
+    if not modules:
+        raise PolicyLoadError(f"policy.dir {directory} holds no .rego module")
+    return PolicyFiles(modules, data, digest.hexdigest()[:16])
+
+
+def policy_revision(directory: Path) -> str:
+    """The revision `EmbeddedPolicy.load` would report for this directory (serving files only)."""
+    return read_policy_dir(directory).revision
+
+
+# A write that every policy must decide (usually a deny: no client is called this).
+PROBE_INPUT: dict[str, Any] = {
+    "client": {"id": "policy-load-probe", "tenant": None, "scopes": [], "patient": None, "user": None,
+               "auth": "api-key"},
+    "request": {"method": "POST", "path": "/Basic", "interaction": "create", "resource_type": "Basic", "id": None,
+                "operation": None, "conditional": False, "query": {}, "headers": {}, "write": True},
+    "resource": {"resourceType": "Basic"},
+    "context": {"time": "2000-01-01T00:00:00Z", "shadow": False, "approvals": []},
+}
 
 
 class EmbeddedPolicy:
-    def __init__(self, modules: dict[str, str], data: dict[str, Any], path: str, revision: str) -> None:
+    engine = "embedded"
+
+    def __init__(self, modules: dict[str, str], data: dict[str, Any], path: str, revision: str,
+                 *, directory: Path | None = None, probe: bool = True) -> None:
         self.revision = revision
-        self._query = "data." + path.replace("/", ".") + ".decision"
+        self.path = path
+        self.directory = directory
+        self.query = "data." + path.replace("/", ".") + ".decision"
+        self._lock = threading.Lock()  # one interpreter: set_input + query must not interleave
         self._interp = Interpreter()
+        self._interp.log_level = LogLevel.NONE  # rego-cpp prints errors to stdout otherwise (our log stream)
         try:
             for name, src in modules.items():
                 self._interp.add_module(name, src)
             self._interp.add_data_json(json.dumps(data))
-            self._bundle = self._interp.build(self._query, [])
+            self._bundle = self._interp.build(self.query, [])
         except Exception as e:
-            raise PolicyLoadError(f"policy does not compile: {e}") from None
+            raise PolicyLoadError(f"policy does not compile: {compile_error_text(str(e), modules)}") from None
         if not self._bundle.ok():
-            raise PolicyLoadError(f"policy does not compile: {self._bundle.node}")
+            raise PolicyLoadError(f"policy does not compile: {compile_error_text(_bundle_error(self._bundle, self._interp), modules)}")
+        if probe:
+            try:
+                decision = self.evaluate(PROBE_INPUT)
+            except PolicyEvalError as e:
+                raise PolicyLoadError(f"policy does not decide: {e}") from None
+            if (not isinstance(decision, dict) or not isinstance(decision.get("allow"), bool)
+                    or not isinstance(decision.get("reasons"), list)):
+                raise PolicyLoadError(f"{self.query} is not {{allow: bool, reasons: [...]}} for a probe input")
 
     @classmethod
-    def load(cls, directory: Path, path: str) -> "EmbeddedPolicy":
-        if not directory.is_dir():
-            raise PolicyLoadError(f"policy.dir {directory} is not a directory")
-        modules: dict[str, str] = {}
-        data: dict[str, Any] = {}
-        digest = hashlib.sha256()
-        for f in sorted(directory.rglob("*")):
-            if not f.is_file():
-                continue
-            rel = f.relative_to(directory).as_posix()
-            if f.suffix == ".rego" and not f.name.endswith("_test.rego"):
-                src = f.read_text(encoding="utf-8")
-                modules[rel] = src
-            elif f.suffix == ".json":
-                src = f.read_text(encoding="utf-8")
-                try:
-                    _merge(data, json.loads(src))
-                except (ValueError, TypeError) as e:
-                    raise PolicyLoadError(f"policy data {rel}: {e}") from None
-            else:
-                continue
-            digest.update(rel.encode() + b"\0" + src.encode() + b"\0")
-        if not modules:
-            raise PolicyLoadError(f"policy.dir {directory} holds no .rego module")
-        return cls(modules, data, path, digest.hexdigest()[:16])
+    def load(cls, directory: Path, path: str) -> EmbeddedPolicy:
+        files = read_policy_dir(directory)
+        return cls(files.modules, files.data, path, files.revision, directory=directory)
+
+    def reload(self) -> EmbeddedPolicy:
+        """A new engine from the same directory; PolicyLoadError (keep this one) if it is bad."""
+        if self.directory is None:
+            raise PolicyLoadError("this policy was not loaded from a directory")
+        return type(self).load(self.directory, self.path)
 
     async def decide(self, input_doc: dict[str, Any]) -> dict[str, Any]:
-        return self.evaluate(input_doc)
+        decision = self.evaluate(input_doc)
+        if not isinstance(decision, dict):
+            raise PolicyEvalError("policy decision is not an object")
+        return decision
 
-    def evaluate(self, input_doc: dict[str, Any]) -> dict[str, Any]:
-        # regopy: keep the Input and the Output alive until the result is read (use-after-free)
-        term = Input(input_doc)
-        self._interp.set_input(term)
-        out = self._interp.query_bundle(self._bundle)
+    def evaluate(self, input_doc: dict[str, Any]) -> Any:
+        """The value of the decision document for this input (PolicyEvalError if undefined/error)."""
+        term = to_rego_input(input_doc)
         try:
-            exprs = json.loads(str(out)).get("expressions")
-        except ValueError:
-            raise RuntimeError("policy evaluation failed") from None
-        del term
-        if not exprs or not isinstance(exprs[0], dict):
-            raise RuntimeError("policy decision undefined")
-        return exprs[0]
+            with self._lock:
+                # the input stays alive until the query's output has been read (regopy's rule)
+                rego_set_input(self._interp._impl, term)
+                out = rego.regoBundleQuery(self._interp._impl, self._bundle._impl)
+                if not out:
+                    raise PolicyEvalError("policy evaluation failed: " + _short(rego_get_error(self._interp._impl)))
+                try:
+                    if not rego_output_ok(out):
+                        raise PolicyEvalError("policy evaluation failed: " + _error_text(out))
+                    return _decision_value(rego_output_node(out))
+                finally:
+                    rego_free_output(out)
+        finally:
+            rego_free_input(term)
+
+
+_ERROR_RE = re.compile(r"\(error \d+:(?P<file>[^|\n]+)\|(?P<off>\d+)\|\d+\s*\(errormsg \d+:(?P<msg>[^\n]*?)\)\s*\n")
+
+
+def compile_error_text(text: str, modules: dict[str, str]) -> str:
+    """rego-cpp's error (an AST dump) as `file:line: message; ...`."""
+    found = []
+    for m in _ERROR_RE.finditer(text):
+        src = modules.get(m.group("file"), "")
+        line = src[: int(m.group("off"))].count("\n") + 1 if src else 0
+        found.append(f"{m.group('file')}:{line}: {m.group('msg').strip()}" if line else f"{m.group('file')}: {m.group('msg').strip()}")
+    if found:
+        return "; ".join(dict.fromkeys(found))[:1000]
+    return " ".join(text.split())[:300]
+
+
+_NEW_INPUT = rego.regoNewInput
+_IN_INT, _IN_FLOAT, _IN_STR = rego.regoInputInt, rego.regoInputFloat, rego.regoInputString
+_IN_BOOL, _IN_NULL, _IN_ITEM = rego.regoInputBoolean, rego.regoInputNull, rego.regoInputObjectItem
+_IN_OBJ, _IN_ARR = rego.regoInputObject, rego.regoInputArray
+
+
+def to_rego_input(value: Any) -> int:
+    """A rego-cpp input term for a JSON value (dict/list/str/int/float/bool/None), built with
+    rego-cpp's stack calls (regopy's `Input` does the same, about twice as slowly). A string
+    holding NUL is refused: C strings would end there, and the policy must see the value the
+    upstream gets. The caller frees the term with `rego_free_input`."""
+    term = _NEW_INPUT()
+    if not term:
+        raise PolicyEvalError("cannot create a policy input")
+    try:
+        _push(term, value, 0)
+    except BaseException:
+        rego_free_input(term)
+        raise
+    return term
+
+
+def _push(term: int, val: Any, depth: int) -> None:
+    t = type(val)
+    if t is str:
+        if "\x00" in val:
+            raise PolicyEvalError("the policy input holds a NUL character")
+        rc = _IN_STR(term, val.encode("utf-8"))
+    elif t is dict:
+        if depth > 200:
+            raise PolicyEvalError("the policy input is nested too deeply")
+        for k, v in val.items():
+            if type(k) is not str:
+                raise PolicyEvalError("the policy input has a non-string key")
+            _push(term, k, depth)
+            _push(term, v, depth + 1)
+            if _IN_ITEM(term) != 0:
+                raise PolicyEvalError("cannot create a policy input")
+        rc = _IN_OBJ(term, len(val))
+    elif t is list or t is tuple:
+        if depth > 200:
+            raise PolicyEvalError("the policy input is nested too deeply")
+        for x in val:
+            _push(term, x, depth + 1)
+        rc = _IN_ARR(term, len(val))
+    elif t is bool:
+        rc = _IN_BOOL(term, val)
+    elif val is None:
+        rc = _IN_NULL(term)
+    elif t is int:
+        if not -(2**63) <= val < 2**63:
+            raise PolicyEvalError("the policy input holds an integer out of range")
+        rc = _IN_INT(term, val)
+    elif t is float:
+        if not math.isfinite(val):
+            raise PolicyEvalError("the policy input holds a non-finite number")
+        rc = _IN_FLOAT(term, val)
+    else:
+        raise PolicyEvalError(f"the policy input holds a {t.__name__}")
+    if rc != 0:
+        raise PolicyEvalError("cannot create a policy input")
+
+
+def _short(text: str) -> str:
+    return " ".join(text.split())[:300] or "(no error text)"
+
+
+def _bundle_error(bundle: Any, interp: Any = None) -> str:
+    """The messages of a failed build: `message at `source``; ... (rego-cpp's error nodes)."""
+    found: list[str] = []
+    try:
+        root = rego_bundle_node(bundle._impl)
+        for i in range(rego_node_size(root) if root else 0):
+            err = rego_node_get(root, i)
+            if rego.regoNodeType(err) != NodeKind.Error:
+                continue
+            snippet = " ".join(rego_node_value(err).split())[:120]
+            for j in range(rego_node_size(err)):
+                part = rego_node_get(err, j)
+                if rego.regoNodeType(part) == NodeKind.ErrorMessage:
+                    found.append(f"{rego_node_value(part).strip()} at `{snippet}`")
+    except Exception:
+        pass
+    if not found and interp is not None:
+        try:
+            found.append(rego_get_error(interp._impl))
+        except Exception:
+            pass
+    return "; ".join(x for x in found if x) or "(the engine gave no error text)"
+
+
+def _error_text(out: Any) -> str:
+    try:
+        return rego_output_string(out)[:300]
+    except Exception:
+        return "(no error text)"
+
+
+def _decision_value(root: Any) -> Any:
+    """Results -> one Result -> Terms -> the value. Anything else is undefined or ambiguous."""
+    kind = rego.regoNodeType(root)
+    if kind == NodeKind.Undefined:
+        raise PolicyEvalError("policy decision undefined")
+    if kind != NodeKind.Results or rego_node_size(root) != 1:
+        raise PolicyEvalError("policy decision undefined or ambiguous")
+    result = rego_node_get(root, 0)
+    for i in range(rego_node_size(result)):
+        child = rego_node_get(result, i)
+        if rego.regoNodeType(child) == NodeKind.Terms:
+            if rego_node_size(child) != 1:
+                raise PolicyEvalError("policy decision undefined or ambiguous")
+            return _node_value(rego_node_get(child, 0), 0)
+    raise PolicyEvalError("policy decision undefined")
+
+
+def _node_value(node: Any, depth: int) -> Any:
+    if depth > 64:
+        raise PolicyEvalError("policy decision nested too deeply")
+    kind = rego.regoNodeType(node)
+    if kind in (NodeKind.Term, NodeKind.Scalar):
+        if rego_node_size(node) != 1:
+            raise PolicyEvalError("unexpected policy result node")
+        return _node_value(rego_node_get(node, 0), depth + 1)
+    if kind == NodeKind.Object:
+        obj: dict[str, Any] = {}
+        for i in range(rego_node_size(node)):
+            item = rego_node_get(node, i)
+            if rego.regoNodeType(item) != NodeKind.ObjectItem or rego_node_size(item) != 2:
+                raise PolicyEvalError("unexpected policy result node")
+            key = _node_value(rego_node_get(item, 0), depth + 1)
+            if not isinstance(key, str) or key in obj:
+                raise PolicyEvalError("policy decision has a non-string or repeated key")
+            obj[key] = _node_value(rego_node_get(item, 1), depth + 1)
+        return obj
+    if kind in (NodeKind.Array, NodeKind.Set):
+        return [_node_value(rego_node_get(node, i), depth + 1) for i in range(rego_node_size(node))]
+    if kind == NodeKind.String:
+        # rego-cpp keeps a string as its quoted, unescaped text: drop the quotes, keep the rest
+        text = rego_node_json(node)
+        if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+            raise PolicyEvalError("unexpected policy string node")
+        return text[1:-1]
+    if kind == NodeKind.True_:
+        return True
+    if kind == NodeKind.False_:
+        return False
+    if kind == NodeKind.Null:
+        return None
+    if kind == NodeKind.Int:
+        return int(rego_node_json(node))
+    if kind == NodeKind.Float:
+        return float(rego_node_json(node))
+    raise PolicyEvalError(f"unexpected policy result node kind {kind}")
+
+
+def _read(f: Path, rel: str) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyLoadError(f"policy file {rel}: {e}") from None
 
 
 def _merge(into: dict[str, Any], new: Any) -> None:

@@ -15,20 +15,35 @@ A run with no test rules, or whose policies do not compile, is not a pass (`ok` 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from regopy import Interpreter
-from regopy.rego_shared import (rego, rego_free_output, rego_get_error, rego_output_node, rego_output_ok,
-                                rego_output_string)
+from regopy import Input, Interpreter
+from regopy.rego_shared import (
+    LogLevel,
+    rego,
+    rego_free_output,
+    rego_get_error,
+    rego_output_node,
+    rego_output_ok,
+    rego_output_string,
+)
 
-from sidecar.policy.embedded import PolicyEvalError, PolicyLoadError, _decision_value, read_policy_dir
+from sidecar.policy.embedded import (
+    PolicyEvalError,
+    PolicyLoadError,
+    _bundle_error,
+    _decision_value,
+    read_policy_dir,
+)
 
-_PACKAGE_RE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*(?:#.*)?$", re.M)
-_TEST_RE = re.compile(r"^(test_[A-Za-z0-9_]*)(?=[\s\[{:=(]|$)", re.M)
+_PACKAGE_RE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*(?:#.*)?$", re.MULTILINE)
+_TEST_RE = re.compile(r"^(test_[A-Za-z0-9_]*)(?=[\s\[{:=(]|$)", re.MULTILINE)
 _RULER = "-" * 80
 _LOCK = threading.Lock()
 
@@ -96,18 +111,24 @@ def run_policy_tests(directory: Path, *, verbose: bool = False) -> PolicyTestRep
     with _LOCK:  # one interpreter, queries one at a time
         try:
             interp = Interpreter()
+            interp.log_level = LogLevel.NONE
             for name, src in files.modules.items():
                 interp.add_module(name, src)
-            import json
-
             interp.add_data_json(json.dumps(files.data))
+            # compile once for every test (a query per test would recompile everything each time)
+            entrypoints = [t.ref[len("data."):].replace(".", "/") for t in tests]
+            bundle = interp.build(None, entrypoints)
+            if not bundle.ok():
+                raise RuntimeError(_bundle_error(bundle, interp))
+            interp.set_input(Input({}))
         except Exception as e:
             report.errors = len(tests)
-            report.lines = [f"ERROR: policies do not load: {e}", _RULER, f"ERROR: {len(tests)}/{len(tests)}"]
+            report.lines = [f"ERROR: policies do not compile: {_short(str(e))}", _RULER,
+                            f"ERROR: {len(tests)}/{len(tests)}"]
             return report
-        for t in tests:
+        for t, entrypoint in zip(tests, entrypoints):
             started = time.perf_counter()
-            outcome, detail = _run_one(interp, t.ref)
+            outcome, detail = _run_one(interp, bundle, entrypoint)
             took = _duration(time.perf_counter() - started)
             if outcome == "pass":
                 report.passed += 1
@@ -130,8 +151,8 @@ def run_policy_tests(directory: Path, *, verbose: bool = False) -> PolicyTestRep
     return report
 
 
-def _run_one(interp: Interpreter, ref: str) -> tuple[str, str]:
-    out = rego.regoQuery(interp._impl, ref.encode("utf-8"))
+def _run_one(interp: Interpreter, bundle: Any, entrypoint: str) -> tuple[str, str]:
+    out = rego.regoBundleQueryEntrypoint(interp._impl, bundle._impl, entrypoint.encode("utf-8"))
     if not out:
         return "error", _short(rego_get_error(interp._impl))
     try:
