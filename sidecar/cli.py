@@ -82,6 +82,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return result.code
 
 
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from sidecar.policy.testing import run_policy_tests
+
+    report = run_policy_tests(Path(args.dir), verbose=args.verbose)
+    print("\n".join(report.lines))
+    return 0 if report.ok else 1
+
+
 def cmd_policy_eval(args: argparse.Namespace) -> int:
     from sidecar.identity import Identities
     from sidecar.policy.offline import evaluate_offline, load_request_file
@@ -240,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     po = sub.add_parser("policy", help="policy tools")
     po_sub = po.add_subparsers(dest="policy_command", required=True)
+    pt = po_sub.add_parser("test", help="run the *_test.rego `test_` rules with the embedded engine (like `opa test`)")
+    pt.add_argument("dir", nargs="?", default="policies")
+    pt.add_argument("-v", "--verbose", action="store_true")
+    pt.set_defaults(fn=cmd_policy_test)
     pe = po_sub.add_parser("eval", help="print the Rego input and the decision for one request (exit 0 allow, 1 deny)")
     pe.add_argument("--config")
     pe.add_argument("--request", required=True, help="JSON: {method, target, headers, body, current?}")

@@ -348,8 +348,6 @@ class Config(_Model):
 def unsupported_features(cfg: Config) -> list[str]:
     """Parts of the contract this build does not implement yet: refused at start, never ignored."""
     out: list[str] = []
-    if cfg.policy.engine == "opa":
-        out.append("policy.engine `opa` is not available in this build (use `embedded`)")
     return out
 
 

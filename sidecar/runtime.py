@@ -76,11 +76,18 @@ def check_startable(cfg: Config) -> None:
 def load_policy(cfg: Config, base_dir: Path) -> PolicyEngine | None:
     if cfg.policy.engine == "off":
         return None
-    from sidecar.policy.embedded import EmbeddedPolicy
-
     pdir = Path(cfg.policy.dir)
     if not pdir.is_absolute():
         pdir = base_dir / pdir
+    if cfg.policy.engine == "opa":
+        from sidecar.policy.opa import OpaPolicy
+
+        if not cfg.policy.opa_url:
+            raise ConfigError("policy.engine opa needs policy.opa_url")
+        return OpaPolicy(cfg.policy.opa_url, cfg.policy.path, timeout_ms=cfg.policy.timeout_ms,
+                         directory=pdir if pdir.is_dir() else None)
+    from sidecar.policy.embedded import EmbeddedPolicy
+
     return EmbeddedPolicy.load(pdir, cfg.policy.path)
 
 

@@ -151,3 +151,55 @@ def test_audit_show_filters(tmp_path):
         assert denies and all(d["kind"] == "deny" for d in denies)
     finally:
         sandbox.stop()
+
+
+def test_policy_test_passes_and_fails_when_a_rule_is_broken(tmp_path):
+    import shutil
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    r = cli("policy", "test", str(root / "policies"))
+    assert r.returncode == 0 and "PASS:" in r.stdout
+    broken = tmp_path / "policies"
+    shutil.copytree(root / "policies", broken)
+    data = json.loads((broken / "data.json").read_text())
+    data["fhir_sidecar"]["clients"]["demo-reader"]["write_types"] = ["Observation"]  # a reader that may write
+    (broken / "data.json").write_text(json.dumps(data))
+    r = cli("policy", "test", str(broken))
+    assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+def test_engine_opa_end_to_end_against_an_opa_data_api(tmp_path):
+    from tests.opa_server import OpaDataServer, go_engine_unavailable
+
+    why = go_engine_unavailable()
+    if why:
+        if __import__("os").environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    opa = OpaDataServer(root / "policies").start()
+    sandbox = SandboxServer("127.0.0.1", 0)
+    sandbox.start()
+    try:
+        cfg = make_config(tmp_path, sandbox.base_url,
+                          policy={"engine": "opa", "opa_url": opa.url, "dir": str(root / "policies"), "path": "fhir/writeback"})
+        sc = SidecarProcess(cfg, tmp_path).start()
+        try:
+            assert request(sc.port, "POST", "/fhir/R4/Observation", OBS, WH)[0] == 201
+            status, _, data = request(sc.port, "POST", "/fhir/R4/Observation", OBS,
+                                      {**WH, "X-API-Key": "reader-key-1"})
+            assert status == 403
+        finally:
+            sc.stop()
+        opa.stop()
+        sc = SidecarProcess(cfg, tmp_path)
+        sc.stdout_path = tmp_path / "second.stdout"
+        sc.start()
+        try:  # the policy engine is down: a write is a 503, never an allow
+            assert request(sc.port, "POST", "/fhir/R4/Observation", OBS, WH)[0] == 503
+            assert len([e for e in sandbox.request_log() if e["action"] == "create"]) == 1
+        finally:
+            sc.stop()
+    finally:
+        opa.stop()
+        sandbox.stop()
