@@ -91,3 +91,54 @@ def test_hold_approve_release_exactly_once_and_poll(env):
     assert {"held", "approved"} <= reviews
     store_bytes = b"".join(p.read_bytes() for p in sc.cfg_path.parent.glob("state.db*"))
     assert b"amoxicillin" not in store_bytes  # held bodies are encrypted at rest
+
+
+def test_reviewer_web_page_approves_and_rejects_on_the_running_sidecar(env):
+    import re
+
+    import httpx
+
+    sc, sandbox = env
+    h = {"X-API-Key": WRITER_KEY, "Content-Type": "application/fhir+json", "Prefer": "respond-async"}
+    locs = [request(sc.port, "POST", f"{BASE}/MedicationRequest", MED.replace(b"amoxicillin", name), h)[1]["content-location"]
+            for name in (b"drug-one", b"drug-two")]
+    ids = [loc.rsplit("/", 1)[1] for loc in locs]
+    origin = f"http://127.0.0.1:{sc.admin_port}"
+
+    class Browser(httpx.Client):
+        """Keeps `Secure` cookies on http://127.0.0.1 the way Chromium does (httpx would drop them)."""
+
+        jar: dict[str, str] = {}
+
+        def request(self, method, url, **kw):
+            kw["headers"] = {**(kw.get("headers") or {}),
+                             "cookie": "; ".join(f"{k}={v}" for k, v in self.jar.items())}
+            r = super().request(method, url, **kw)
+            for raw in r.headers.get_list("set-cookie"):
+                name, _, rest = raw.partition("=")
+                self.jar[name] = rest.split(";", 1)[0]
+            return r
+
+    with Browser(base_url=origin, headers={"Origin": origin}, follow_redirects=False, timeout=10) as web:
+        page = web.get("/review/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        r = web.post("/review/login", data={"csrf": csrf, "reviewer": "Practitioner/7", "password": "rev-password-1"})
+        assert r.status_code in (302, 303), r.text
+        queue = web.get("/review/").text
+        assert all(i in queue for i in ids) and "drug-one" not in r.headers.get("location", "")
+        detail = web.get(f"/review/items/{ids[0]}")
+        assert detail.status_code == 200 and "drug-one" in detail.text  # the proposed resource, readable
+        token = re.search(r'name="csrf" value="([^"]+)"', detail.text).group(1)
+        assert web.post(f"/review/items/{ids[0]}/approve", data={}).status_code in (400, 403)  # no CSRF token
+        assert sandbox.request_log() == []
+        r = web.post(f"/review/items/{ids[0]}/approve", data={"csrf": token})
+        assert r.status_code in (200, 302, 303)
+        r = web.post(f"/review/items/{ids[1]}/reject", data={"csrf": token, "reason": "wrong dose"})
+        assert r.status_code in (200, 302, 303)
+    creates = [e for e in sandbox.request_log() if e["action"] == "create"]
+    assert len(creates) == 1 and b"drug-one" in base64.b64decode(creates[0]["body_b64"])
+    ok = json.loads(request(sc.port, "GET", locs[0], None, {"X-API-Key": WRITER_KEY})[2])
+    assert ok["entry"][0]["response"]["status"].startswith("201")
+    status, _, data = request(sc.port, "GET", locs[1], None, {"X-API-Key": WRITER_KEY})
+    rejected = json.loads(data)
+    assert rejected["entry"][0]["response"]["status"].startswith("403") and b"wrong dose" not in data
