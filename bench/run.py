@@ -118,7 +118,8 @@ clients:
 policy: {policy}
 killswitch: {{file: "{state}/killswitch"}}
 audit: {{path: "{state}/audit.jsonl", key: "env:FHIR_SIDECAR_AUDIT_KEY"}}
-"""
+state: {{store: "sqlite:{state}/state.db"}}
+{extra}"""
 
 
 class BenchError(RuntimeError):
@@ -163,7 +164,7 @@ def machine_info(tmp: Path) -> dict:
                 break
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp)], capture_output=True, text=True).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu_model": model, "tmp_dir": str(tmp), "tmp_fs": fs,
-            "kernel": os.uname().release, "python": sys.version.split()[0]}
+            "kernel": os.uname().release, "python": sys.version.split()[0], "loadavg": _loadavg()}
 
 
 def git_revision() -> str:
@@ -176,6 +177,11 @@ def git_revision() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def tool_version(cmd: list[str]) -> str:
@@ -305,6 +311,7 @@ class Target:
     pid: int
     baseline: str | None = None  # the label of the stock row this one is compared with
     rounds: list[dict] = field(default_factory=list)
+    refusal_sample: str | None = None  # what one request got after non-2xx answers showed up under load
 
 
 def start_nginx(procs: Processes, tmp: Path) -> int:
@@ -354,29 +361,36 @@ def start_lean(procs: Processes, tmp: Path, nginx_port: int) -> tuple[int, Proc]
 
 
 def make_policy_dir(tmp: Path) -> Path:
-    """The repo's Rego, with a data.json that lets the `bench` client write Observations."""
-    pdir = tmp / "policies"
-    pdir.mkdir()
-    regos = sorted((REPO / "policies").glob("*.rego"))
-    if not regos:
-        raise BenchError(f"no .rego files in {REPO / 'policies'}")
-    for f in regos:
-        shutil.copy2(f, pdir / f.name)
-    (pdir / "data.json").write_text(json.dumps({"fhir_sidecar": {"clients": {"bench": {"write_types": ["Observation"]}}}}))
+    """A copy of the repo's policies/ (Rego and data), plus a `bench` client that may write Observations.
+
+    The repo's data.json is kept (its global settings included) and only gains the client, so the
+    policy evaluated is the one shipped; /work/main/policies itself is never touched.
+    """
+    src, pdir = REPO / "policies", tmp / "policies"
+    if not any(src.rglob("*.rego")):
+        raise BenchError(f"no .rego files in {src}")
+    shutil.copytree(src, pdir)
+    data_file = pdir / "data.json"
+    data = json.loads(data_file.read_text()) if data_file.exists() else {}
+    data.setdefault("fhir_sidecar", {}).setdefault("clients", {})["bench"] = {"write_types": ["Observation"]}
+    data_file.write_text(json.dumps(data, indent=1))
     return pdir
 
 
 def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_key: str, policy_dir: Path | None,
-                  audit_key: str, log_level: str) -> tuple[int, Proc]:
+                  audit_key: str, args: argparse.Namespace) -> tuple[int, Proc]:
     state = tmp / name
     state.mkdir()
     port, admin = free_port(), free_port()
     policy = (f'{{engine: embedded, dir: "{policy_dir}", path: fhir/writeback}}' if policy_dir else '{engine: "off"}')  # quoted: YAML reads a bare off as false
     cfg = state / "sidecar.yaml"
+    # wrk drops its connections at the end of a run; a sidecar that counts those in-flight requests
+    # as upstream failures opens its breaker (503s for the next round): --breaker-threshold works around it
+    extra = f"breaker: {{threshold: {args.breaker_threshold}}}\n" if args.breaker_threshold else ""
     cfg.write_text(SIDECAR_CONF.format(nginx=nginx_port, port=port, admin=admin, state=state, policy=policy,
-                                       key_sha=hashlib.sha256(api_key.encode()).hexdigest()))
+                                       key_sha=hashlib.sha256(api_key.encode()).hexdigest(), extra=extra))
     env = dict(os.environ, FHIR_SIDECAR_AUDIT_KEY=audit_key)
-    p = procs.start(name, [venv_bin("fhir-sidecar"), "run", "--config", str(cfg), "--log-level", log_level], tmp,
+    p = procs.start(name, [venv_bin("fhir-sidecar"), "run", "--config", str(cfg), "--log-level", args.log_level], tmp,
                     env=env)
 
     def ready() -> bool:
@@ -387,24 +401,29 @@ def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_k
     return port, p
 
 
+def one_request(t: Target, api_key: str) -> tuple[int, dict[str, str], bytes]:
+    url = f"http://127.0.0.1:{t.port}{READ_PATH if t.method == 'GET' else WRITE_PATH}"
+    if t.method == "GET":
+        return http("GET", url, {"X-API-Key": api_key})
+    return http("POST", url, {"X-API-Key": api_key, "Content-Type": "application/fhir+json"}, WRITE_BODY)
+
+
 def sanity_check(t: Target, api_key: str) -> None:
     """One request per target before measuring: a benchmark of refusals is worthless."""
-    url = f"http://127.0.0.1:{t.port}{READ_PATH if t.method == 'GET' else WRITE_PATH}"
-    headers = {"X-API-Key": api_key}
-    if t.method == "GET":
-        st, h, body = http("GET", url, headers)
-        want = 200
-    else:
-        headers["Content-Type"] = "application/fhir+json"
-        st, h, body = http("POST", url, headers, WRITE_BODY)
-        want = 201
+    st, h, body = one_request(t, api_key)
+    want = 200 if t.method == "GET" else 201
     if st != want:
-        raise BenchError(f"sanity check failed for {t.label}: {t.method} {url} answered {st}, expected {want}\n"
+        raise BenchError(f"sanity check failed for {t.label}: {t.method} answered {st}, expected {want}\n"
                          f"headers: {h}\nbody: {body[:2000].decode(errors='replace')}")
     info = f"{st}, {len(body)} bytes"
     if t.method == "POST":
         info += f", Location: {h.get('Location')}"
     log(f"sanity ok: {t.label}: {info}")
+
+
+def probe(t: Target, api_key: str) -> str:
+    st, _, body = one_request(t, api_key)
+    return f"{st} {body[:300].decode(errors='replace')}"
 
 
 # -- load ------------------------------------------------------------------------------------------
@@ -480,6 +499,9 @@ BUCKETS = (
     ("embedded Rego (EmbeddedPolicy.evaluate, regopy)", ("EmbeddedPolicy.", "regopy/")),
     ("audit records (AuditWriter.append: seal, HMAC, JCS)", ("AuditWriter.append (", "AuditWriter._enqueue (")),
     ("FHIR validation (guards.check_valid)", ("check_valid (",)),
+    ("own upstream client for writes (sidecar/upstream.py, httpx)", ("sidecar/upstream.py", "httpx/", "httpcore/")),
+    ("state store (breaker, rate limits, receipts)", ("sidecar/state/", "sidecar/breaker.py", "sidecar/ratelimit.py",
+                                                      "sidecar/idempotency.py")),
     ("fail-closed placeholder responses (Response.make in the request hook)", ("refusal_response (",)),
     ("rest of the pipeline (parse, classify, identity, scopes, killswitch)", ("Pipeline.",)),
     ("rest of the sidecar addon (header rebuild, URL rewrite, ids)", ("SidecarAddon.",)),
@@ -555,12 +577,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 s rounds, 1 s warm-up")
     p.add_argument("--tmpdir", help="where the temp dir (audit log, nginx prefix) goes (default: $TMPDIR or /tmp)")
     p.add_argument("--log-level", default="info", help="the sidecar's --log-level (default info, as deployed)")
+    p.add_argument("--breaker-threshold", type=int,
+                   help="write breaker.threshold N into the sidecar configs (default: the sidecar's own)")
     p.add_argument("--profile", action="store_true",
-                   help="afterwards, py-spy the sidecar under read and write load and print the hotspots")
+                   help="afterwards, py-spy each sidecar row under load and print the hotspots")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference rows (lean mitmproxy without the sidecar addon)")
     p.add_argument("--no-install", action="store_true", help="never apt-get nginx-light/wrk")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (process logs, configs, audit file)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     a = p.parse_args(argv)
     if a.quick:
@@ -596,7 +621,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
@@ -605,105 +633,126 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
                 "wrk": tool_version([find_exe("wrk") or "wrk", "--version"]),
                 "mitmdump": tool_version([venv_bin("mitmdump"), "--version"]), "sidecar": git_revision()}
     api_key = "bench-" + secrets.token_urlsafe(24)
-    audit_key = secrets.token_urlsafe(48)  # 64 chars
-
-    nginx_port = start_nginx(procs, tmp)
-    mitm_port, mitm = start_mitmdump(procs, tmp, nginx_port)
-    lean = None if args.no_reference else start_lean(procs, tmp, nginx_port)
-    policy_dir = make_policy_dir(tmp)
-    sc_port, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args.log_level)
-    off_port, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key,
-                                  args.log_level)
-
-    stock_get, stock_post = "stock mitmdump passthrough (GET)", "stock mitmdump passthrough (POST)"
-    targets = [Target(stock_get, "mitmdump", "GET", mitm_port, mitm.pid)]
-    if lean:
-        targets.append(Target("ref: lean mitmproxy, no addon (GET)", "lean-mitmproxy", "GET", lean[0], lean[1].pid,
-                              stock_get))
-    targets += [
-        Target("sidecar reads (GET)", "sidecar", "GET", sc_port, sc.pid, stock_get),
-        Target(stock_post, "mitmdump", "POST", mitm_port, mitm.pid),
-    ]
-    if lean:
-        targets.append(Target("ref: lean mitmproxy, no addon (POST)", "lean-mitmproxy", "POST", lean[0],
-                              lean[1].pid, stock_post))
-    targets += [
-        Target("sidecar writes (POST, full enforcement)", "sidecar", "POST", sc_port, sc.pid, stock_post),
-        Target("sidecar writes (POST, policy off)", "sidecar-policy-off", "POST", off_port, off.pid, stock_post),
-    ]
-    by_name = {t.label: t for t in targets}
+    targets = start_targets(args, tmp, procs, api_key)
     for t in targets:
         sanity_check(t, api_key)
 
     print()
     print(f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}; temp dir {machine['tmp_dir']} "
-          f"on {machine['tmp_fs']}; kernel {machine['kernel']}")
+          f"on {machine['tmp_fs']}; kernel {machine['kernel']}; load average before start {machine['loadavg']}")
     print(f"tools: {versions['nginx']}; {versions['wrk'].split(' [')[0]}; mitmdump {versions['mitmdump']}; "
           f"sidecar at {versions['sidecar']}")
     print(f"load: wrk keep-alive, {args.threads} threads, {args.rounds} alternating rounds x {args.duration:g} s "
-          f"(+{args.warmup:g} s warm-up), sidecar log level {args.log_level}")
+          f"(+{args.warmup:g} s warm-up), sidecar log level {args.log_level}"
+          + (f", sidecar breaker.threshold {args.breaker_threshold}" if args.breaker_threshold else ""))
     print(flush=True)
 
+    settings = ("connections", "threads", "rounds", "duration", "warmup", "log_level", "no_reference",
+                "breaker_threshold")
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-                     "versions": versions, "settings": {k: getattr(args, k) for k in
-                                                        ("connections", "threads", "rounds", "duration", "warmup",
-                                                         "log_level", "no_reference")},
-                     "runs": []}
-    for conns in args.connections:
-        for t in targets:
-            t.rounds = []
-            if args.warmup > 0:
-                run_wrk(t, api_key, conns, args.threads, args.warmup)
-        for rnd in range(args.rounds):
-            for t in targets:
-                r = run_wrk(t, api_key, conns, args.threads, args.duration)
-                t.rounds.append(r)
-                log(f"c={conns} round {rnd + 1}/{args.rounds} {t.label}: {r['rps']:.0f} req/s, "
-                    f"p99 {r['latency_us']['p99'] / 1000:.2f} ms, cpu {r['cpu_s']:.2f} s"
-                    + (f", {r['errors']['status']} non-2xx" if r["errors"]["status"] else ""))
-        rows = []
-        for t in targets:
-            s = summarize(t)
-            s["baseline"] = t.baseline
-            rows.append(s)
-        by_label = {r["label"]: r for r in rows}
-        for r in rows:
-            base = by_label.get(r["baseline"]) if r["baseline"] else None
-            r["ratio_vs_stock"] = (r["rps_median"] / base["rps_median"]) if base and base["rps_median"] else 1.0
-        results["runs"].append({"connections": conns, "rows": rows, "raw": {t.label: t.rounds for t in targets}})
-        print_table(conns, rows)
-        for r in rows:
-            if r["non_2xx_or_3xx"] or r["socket_errors"]:
-                log(f"WARNING: {r['label']}: {r['non_2xx_or_3xx']} non-2xx/3xx answers and {r['socket_errors']} "
-                    "socket errors during measurement")
-
-    read_ratio = next(r["ratio_vs_stock"] for r in results["runs"][0]["rows"] if r["label"] == "sidecar reads (GET)")
-    print(f"target (reported, not asserted): sidecar reads >= 1.30x stock mitmdump; measured "
-          f"{read_ratio:.2f}x at c={args.connections[0]}")
+                     "versions": versions, "settings": {k: getattr(args, k) for k in settings},
+                     "runs": [measure(args, targets, api_key, conns) for conns in args.connections]}
+    ratios = ", ".join(f"{r['ratio_vs_stock']:.2f}x at c={run['connections']}" for run in results["runs"]
+                       for r in run["rows"] if r["label"] == READS)
+    print(f"target (reported, not asserted): sidecar reads >= 1.30x stock mitmdump; measured {ratios}")
+    audit = tmp / "sidecar" / "audit.jsonl"
+    results["audit_bytes"] = audit.stat().st_size if audit.exists() else None
+    results["loadavg_end"] = _loadavg()
+    out = save(results, args)
 
     if args.profile:
         c = args.connections[0]
         results["profiles"] = []
-        for t in (by_name["sidecar reads (GET)"], by_name["sidecar writes (POST, full enforcement)"]):
-            prof = profile(t, api_key, c, args.threads, args.profile_seconds, tmp)
-            results["profiles"].append(prof)
-            print(f"\npy-spy: {t.label}, c={c}: % of the event-loop thread's {prof['event_loop_samples']} "
-                  f"samples ({prof['other_thread_samples']} more in worker threads, e.g. the audit fsync)")
-            for title, key in (("by area", "buckets"), ("sidecar functions, inclusive", "sidecar_inclusive"),
-                               ("own time (leaf functions)", "own")):
-                print(f"  {title}:")
-                for f, p in prof[key]:
-                    print(f"    {p:5.1f}%  {f}")
+        for t in targets:
+            if t.proxy.startswith("sidecar"):
+                prof = profile(t, api_key, c, args.threads, args.profile_seconds, tmp)
+                results["profiles"].append(prof)
+                print_profile(prof, c)
+        save(results, args, out)
+    return 0
 
-    audit = tmp / "sidecar" / "audit.jsonl"
-    results["audit_bytes"] = audit.stat().st_size if audit.exists() else None
-    if not args.no_save:
+
+READS, WRITES = "sidecar reads (GET)", "sidecar writes (POST, full enforcement)"
+
+
+def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key: str) -> list[Target]:
+    """nginx, then every proxy in front of it; the rows in the order they are measured and printed."""
+    audit_key = secrets.token_urlsafe(48)  # 64 chars
+    nginx_port = start_nginx(procs, tmp)
+    mitm_port, mitm = start_mitmdump(procs, tmp, nginx_port)
+    lean = None if args.no_reference else start_lean(procs, tmp, nginx_port)
+    policy_dir = make_policy_dir(tmp)
+    sc_port, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args)
+    off_port, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key, args)
+    targets = []
+    for method in ("GET", "POST"):
+        stock = f"stock mitmdump passthrough ({method})"
+        targets.append(Target(stock, "mitmdump", method, mitm_port, mitm.pid))
+        if lean:
+            targets.append(Target(f"ref: lean mitmproxy, no addon ({method})", "lean-mitmproxy", method, lean[0],
+                                  lean[1].pid, stock))
+        if method == "GET":
+            targets.append(Target(READS, "sidecar", "GET", sc_port, sc.pid, stock))
+        else:
+            targets.append(Target(WRITES, "sidecar", "POST", sc_port, sc.pid, stock))
+            targets.append(Target("sidecar writes (POST, policy off)", "sidecar-policy-off", "POST", off_port,
+                                  off.pid, stock))
+    return targets
+
+
+def measure(args: argparse.Namespace, targets: list[Target], api_key: str, conns: int) -> dict:
+    """Warm every row up, then `rounds` rounds that each run every row once (A/B interleaved)."""
+    for t in targets:
+        t.rounds, t.refusal_sample = [], None
+        if args.warmup > 0:
+            run_wrk(t, api_key, conns, args.threads, args.warmup)
+    for rnd in range(args.rounds):
+        for t in targets:
+            r = run_wrk(t, api_key, conns, args.threads, args.duration)
+            t.rounds.append(r)
+            if r["errors"]["status"] and t.refusal_sample is None:
+                t.refusal_sample = probe(t, api_key)  # right away, while whatever refused is still on
+                log(f"WARNING: {t.label} answered non-2xx/3xx under load; one request now gets: {t.refusal_sample}")
+            log(f"c={conns} round {rnd + 1}/{args.rounds} {t.label}: {r['rps']:.0f} req/s, "
+                f"p99 {r['latency_us']['p99'] / 1000:.2f} ms, cpu {r['cpu_s']:.2f} s"
+                + (f", {r['errors']['status']} non-2xx" if r["errors"]["status"] else ""))
+    rows = [dict(summarize(t), baseline=t.baseline, refusal_sample=t.refusal_sample) for t in targets]
+    by_label = {r["label"]: r for r in rows}
+    for r in rows:
+        base = by_label.get(r["baseline"]) if r["baseline"] else None
+        r["ratio_vs_stock"] = (r["rps_median"] / base["rps_median"]) if base and base["rps_median"] else 1.0
+    print_table(conns, rows)
+    for r in rows:
+        lo, hi = min(r["rps_all"]), max(r["rps_all"])
+        if lo and hi / lo > 1.15:
+            log(f"WARNING: {r['label']}: rounds differ by {100 * (hi / lo - 1):.0f}% ({r['rps_all']}); "
+                f"something else may be using the CPUs (load average now: {_loadavg()})")
+        if r["non_2xx_or_3xx"] or r["socket_errors"]:
+            log(f"WARNING: {r['label']}: {r['non_2xx_or_3xx']} non-2xx/3xx answers and {r['socket_errors']} "
+                "socket errors during measurement")
+    return {"connections": conns, "rows": rows, "raw": {t.label: t.rounds for t in targets}}
+
+
+def print_profile(prof: dict, conns: int) -> None:
+    print(f"\npy-spy: {prof['target']}, c={conns}: % of the event-loop thread's {prof['event_loop_samples']} "
+          f"samples ({prof['other_thread_samples']} more in worker threads, e.g. the audit fsync)")
+    for title, key in (("by area", "buckets"), ("sidecar functions, inclusive", "sidecar_inclusive"),
+                       ("own time (leaf functions)", "own")):
+        print(f"  {title}:")
+        for f, p in prof[key]:
+            print(f"    {p:5.1f}%  {f}")
+
+
+def save(results: dict, args: argparse.Namespace, out: Path | None = None) -> Path | None:
+    if args.no_save:
+        return None
+    if out is None:
         out_dir = BENCH / "results"
         out_dir.mkdir(exist_ok=True)
         out = out_dir / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-        out.write_text(json.dumps(results, indent=1))
-        print(f"results: {out}")
-    return 0
+    out.write_text(json.dumps(results, indent=1))
+    print(f"results: {out}", flush=True)
+    return out
 
 
 if __name__ == "__main__":
