@@ -99,12 +99,13 @@ class SidecarAddon:
     def __init__(self, pipeline_ref: Callable[[], Pipeline], *, mode: str, upstream_host: str,
                  upstream_port: int, upstream_scheme: str, upstream_base: str, base_path: str,
                  writer: UpstreamClient | None = None, require_tls: bool = False,
-                 mtls: ClientCertVerifier | None = None) -> None:
+                 mtls: ClientCertVerifier | None = None, all_through_writer: bool = False) -> None:
         self._pipeline = pipeline_ref
         self.writer = writer
         self.require_tls = require_tls
         self.mtls = mtls
         self.review_polls = True  # GET /.fhir-sidecar/requests/{id} (held writes)
+        self.all_through_writer = all_through_writer
         self._peer_ids: dict[str, str] = {}   # client connection id -> verified mTLS client id
         self.mode = mode
         self.upstream = (upstream_host, upstream_port, upstream_scheme)
@@ -183,7 +184,8 @@ class SidecarAddon:
                 flow.response = replay_response(decision.replay, corr)
                 return
             self._prepare_upstream(flow, decision)
-            if self.writer is not None and decision.classification is not None and decision.classification.is_write:
+            if self.writer is not None and decision.classification is not None and (
+                    decision.classification.is_write or self.all_through_writer):
                 await self._send_write(flow, decision)  # writes leave through our client (timeouts, 504)
                 return
             forwarding = True  # the one way out that lets mitmproxy forward

@@ -38,7 +38,8 @@ class _Model(BaseModel):
 class Upstream(_Model):
     url: str = Field(description="FHIR base URL of the EHR, e.g. https://ehr.example.org/fhir/R4")
     ca_bundle: str | None = Field(None, description="PEM trust anchors for the EHR's TLS certificate")
-    spki_sha256: list[str] = Field(default_factory=list, description="optional SPKI pins (hex)")
+    spki_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(
+        default_factory=list, description="optional pins: hex SHA-256 of the EHR certificate's SubjectPublicKeyInfo")
     timeout_s: float = Field(30, gt=0, le=600)
 
     @model_validator(mode="after")

@@ -60,7 +60,10 @@ class PriorStateReader:
     """Reads through the sidecar's own upstream connection settings (same TLS trust)."""
 
     def __init__(self, upstream_base: str, *, verify: Any = True, timeout_s: float = 30.0,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient | None = None, pins: frozenset[str] = frozenset()) -> None:
+        from sidecar.upstream import pin_checker
+
+        self._extensions = {"trace": pin_checker(pins)} if pins else {}
         self._base = upstream_base.rstrip("/")
         self._client = client or httpx.AsyncClient(verify=verify, timeout=timeout_s, follow_redirects=False,
                                                    trust_env=False)
@@ -75,8 +78,9 @@ class PriorStateReader:
         if authorization:
             headers["authorization"] = authorization
         try:
-            resp = await self._client.get(f"{self._base}/{resource_type}/{rid}", headers=headers)
-        except httpx.HTTPError:
+            resp = await self._client.get(f"{self._base}/{resource_type}/{rid}", headers=headers,
+                                          extensions=self._extensions)
+        except Exception:  # transport errors and a pin mismatch alike: nothing to decide on
             raise unavailable("current version could not be read from the EHR") from None
         if resp.status_code in (404, 410):
             return Prior(None, None)

@@ -91,7 +91,8 @@ class Sidecar:
         if self.cfg.admin.token:
             self.admin_token = resolve(self.cfg.admin.token, base_dir=self.base_dir).reveal()
         up = self.cfg.upstream
-        self.writer = UpstreamClient(verify=upstream_verify(self.cfg, self.base_dir), timeout_s=up.timeout_s)
+        pins = frozenset(p.lower() for p in up.spki_sha256)
+        self.writer = UpstreamClient(verify=upstream_verify(self.cfg, self.base_dir), timeout_s=up.timeout_s, pins=pins)
         mtls = None
         if any(c.auth == "mtls" for c in self.cfg.clients):
             ca = resolve(self.cfg.identity.client_ca or "", base_dir=self.base_dir).reveal() \
@@ -102,6 +103,9 @@ class Sidecar:
             lambda: self._current(), mode=self.cfg.listen.mode, upstream_host=up.host, upstream_port=up.port,
             upstream_scheme=up.scheme, upstream_base=up.base_url, base_path=up.base_path, writer=self.writer,
             require_tls=self.cfg.listen.tls is not None, mtls=mtls,
+            # pinned EHR keys are checked before any byte is sent: only our own client can do that,
+            # so with pins every request (reads too) leaves through it
+            all_through_writer=bool(pins),
         )
         self.master = Master(options.Options())
         self.master.addons.add(

@@ -137,7 +137,7 @@ async def build_runtime(cfg: Config, base_dir: Path, *, audit: AuditWriter | Non
     metrics.set_kill_switch(ks.state.engaged)
     metrics.set_policy_revision(policy.revision if policy else None)
     prior = PriorStateReader(cfg.upstream.base_url, verify=upstream_verify(cfg, base_dir),
-                             timeout_s=cfg.upstream.timeout_s)
+                             timeout_s=cfg.upstream.timeout_s, pins=frozenset(p.lower() for p in cfg.upstream.spki_sha256))
     tokens = await start_token_verifier(cfg, base_dir, secrets)
     return Runtime(
         prior=prior,

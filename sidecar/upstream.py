@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import hashlib
+
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
@@ -34,8 +38,34 @@ class Answer:
     body: bytes
 
 
+def spki_sha256(cert_der: bytes) -> str:
+    """hex SHA-256 of a certificate's SubjectPublicKeyInfo (the pin format of upstream.spki_sha256)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+class PinMismatch(Exception):
+    pass
+
+
+def pin_checker(pins: frozenset[str]) -> Any:
+    """An httpcore trace hook: after the TLS handshake and *before* a byte of the request is sent,
+    the EHR's certificate must carry one of the pinned keys; otherwise the connection is dropped."""
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.start_tls.complete":
+            stream = info.get("return_value")
+            ssl_obj = stream.get_extra_info("ssl_object") if stream is not None else None
+            der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+            if not der or spki_sha256(der) not in pins:
+                raise PinMismatch("EHR certificate key is not pinned")
+    return trace
+
+
 class UpstreamClient:
-    def __init__(self, *, verify: Any = True, timeout_s: float = 30.0, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, *, verify: Any = True, timeout_s: float = 30.0, connect_timeout_s: float = 5.0,
+                 pins: frozenset[str] = frozenset()) -> None:
+        self._extensions = {"trace": pin_checker(pins)} if pins else {}
         self._client = httpx.AsyncClient(
             verify=verify, trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s)),
@@ -47,8 +77,11 @@ class UpstreamClient:
 
     async def send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
         try:
-            req = self._client.build_request(method, url, headers=headers, content=body or None)
+            req = self._client.build_request(method, url, headers=headers, content=body or None,
+                                             extensions=self._extensions)
             resp = await self._client.send(req, stream=True)
+        except PinMismatch as e:
+            raise NotSent(str(e)) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as e:
             raise NotSent(type(e).__name__) from None
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:

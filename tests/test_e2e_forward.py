@@ -104,3 +104,28 @@ def test_reverse_mode_to_a_trusted_https_ehr(tmp_path, pki, tls_sandbox):
         assert headers["location"].startswith(f"http://127.0.0.1:{sc.port}/fhir/R4/")
     finally:
         sc.stop()
+
+
+def test_spki_pins_checked_before_anything_is_sent(tmp_path, pki, tls_sandbox):
+    from cryptography import x509 as _x509
+
+    from sidecar.upstream import spki_sha256
+
+    der = _x509.load_pem_x509_certificate(pki["cert"].read_bytes()).public_bytes(
+        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+    good = spki_sha256(der)
+    for pins, expect in (([good], 201), (["0" * 64], 502)):
+        d = tmp_path / expect.__str__()
+        d.mkdir()
+        cfg = make_config(d, tls_sandbox.base_url, policy={"engine": "off"},
+                          upstream={"url": tls_sandbox.base_url, "ca_bundle": str(pki["ca"]), "spki_sha256": pins})
+        sc = SidecarProcess(cfg, d).start()
+        try:
+            tls_sandbox.clear_log()
+            assert request(sc.port, "POST", "/fhir/R4/Observation", OBS, WH)[0] == expect
+            read = request(sc.port, "GET", "/fhir/R4/Observation?_count=1", None, {"X-API-Key": "reader-key-1"})[0]
+            assert read == (200 if expect == 201 else 502)
+            if expect == 502:
+                assert tls_sandbox.request_log() == []  # a wrong key: not a byte of any request went out
+        finally:
+            sc.stop()

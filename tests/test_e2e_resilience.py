@@ -18,7 +18,7 @@ import pytest
 from sidecar.sandbox import SandboxServer
 from tests.harness import READER_KEY, WRITER_KEY, SidecarProcess, make_config, request, sha
 from tests.openbao import openbao_fixture  # noqa: F401  (the `openbao` fixture)
-from tests.redis_server import redis_server  # noqa: F401  (the `redis_server` fixture)
+from tests.redis_server import fresh_redis, redis_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.e2e
 BASE = "/fhir/R4"
@@ -210,3 +210,31 @@ def test_app_disconnecting_mid_write_is_recorded_and_not_an_ehr_failure(run, san
     outcomes = {r["correlation_id"]: r.get("outcome") for r in audit if r["kind"] == "outcome"}
     assert [outcomes.get(f"gone-away-{i:04d}") for i in range(3)] == ["committed"] * 3
     assert request(sc.port, "POST", f"{BASE}/Observation", body(), wh())[0] == 201  # breaker still closed
+
+
+def test_unreachable_redis_blocks_writes(run, sandbox, fresh_redis):
+    os.environ["FHS_TEST_REDIS_PASSWORD2"] = fresh_redis.password
+    sc = run(state={"store": fresh_redis.url, "password": "env:FHS_TEST_REDIS_PASSWORD2"})
+    assert request(sc.port, "POST", f"{BASE}/Observation", body(), wh(**{"Idempotency-Key": "before-stop-01"}))[0] == 201
+    fresh_redis.stop()
+    time.sleep(1.5)  # the shared kill-switch view goes stale: engaged
+    n = creates(sandbox)
+    status, _, data = request(sc.port, "POST", f"{BASE}/Observation", body(), wh(**{"Idempotency-Key": "after-stop-01"}))
+    assert status == 503, data
+    assert creates(sandbox) == n
+
+
+def test_vault_down_at_start_refuses_to_start(tmp_path, sandbox):
+    from tests.harness import free_port
+
+    cfg = make_config(tmp_path, sandbox.base_url, vault={"url": f"http://127.0.0.1:{free_port()}", "auth": "token",
+                                                         "token": "env:FHS_TEST_VAULT_TOKEN_X"})
+    os.environ["FHS_TEST_VAULT_TOKEN_X"] = "s.not-a-real-token"
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "sidecar", "run", "--config", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "vault" in r.stderr.lower()
+    assert "s.not-a-real-token" not in r.stderr + r.stdout
