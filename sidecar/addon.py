@@ -386,6 +386,7 @@ class SidecarAddon:
             return
         ev = {
             "correlation_id": d.correlation_id,
+            "traceparent": d.traceparent or None,
             "status": status,
             "latency_ms": round((time.monotonic() - d.started) * 1000, 2),
             "decision": "allow" if d.forward else d.refusal.decision if d.refusal else "error",

@@ -359,6 +359,8 @@ class Pipeline:
         f: dict[str, Any] = {"kind": kind, "decision": decision, "method": raw.method.upper()[:10]}
         if req is not None:
             f["correlation_id"] = req.correlation_id
+            if req.traceparent:
+                f["traceparent"] = req.traceparent
             f["method"] = req.method
             t = req.target
             if t.resource_type and t.resource_type != "*":

@@ -37,6 +37,7 @@ CALLER_FIELDS = (
     "correlation_id", "client_id", "user", "tenant", "source", "method", "interaction",
     "resource_type", "resource_id", "patient", "decision", "reasons", "policy_revision",
     "outcome", "upstream_status", "latency_ms", "idempotency_key", "review_id", "reviewer",
+    "traceparent",  # SIEM: join audit records with traces
 )
 
 # Extra fields only valid for one kind (writer bookkeeping, not free text).
