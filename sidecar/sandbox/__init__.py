@@ -6,6 +6,7 @@ reached the upstream.
 """
 
 from .cli import main
+from .profiles import PROFILES, Profile, resolve_profile
 from .server import SandboxServer
 
-__all__ = ["SandboxServer", "main"]
+__all__ = ["PROFILES", "Profile", "SandboxServer", "main", "resolve_profile"]

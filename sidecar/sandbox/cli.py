@@ -7,6 +7,7 @@ import signal
 import threading
 from types import FrameType
 
+from .profiles import PROFILES, resolve_profile
 from .server import SandboxServer
 
 
@@ -19,6 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-path", default="/fhir/R4", help="FHIR base path (default /fhir/R4)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    parser.add_argument("--profile", default="default", metavar="NAME",
+                        help="EHR behaviour profile (several joined by commas): "
+                             + ", ".join(sorted(PROFILES)) + " (default: default)")
+    parser.add_argument("--list-profiles", action="store_true",
+                        help="print the profiles with a one-line description and exit")
     return parser
 
 
@@ -26,9 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM; prints the base URL on the first stdout line."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.list_profiles:
+        for name in sorted(PROFILES):
+            print(f"{name:18} {PROFILES[name].get('description', '')}")
+        return 0
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key must be given together")
-    server = SandboxServer(args.host, args.port, args.base_path, args.tls_cert, args.tls_key)
+    try:
+        profile = resolve_profile(args.profile)
+    except ValueError as exc:
+        parser.error(f"--profile: {exc}")
+    server = SandboxServer(args.host, args.port, args.base_path, args.tls_cert, args.tls_key,
+                           profile=profile)
     try:
         server.start()
     except OSError as exc:

@@ -15,9 +15,10 @@ from urllib.parse import parse_qsl, urlencode
 
 from .jsonpatch import apply_patch
 from .parse import FhirRequest
+from .profiles import Profile, resolve_profile
 from .store import FhirError, Json, Store, Version, fhir_instant, outcome
 
-_ETAG_RE = re.compile(r'^(?:W/)?"(\d+)"$')
+_ETAG_RE = re.compile(r'^(W/)?"(\d+)"$')
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
 # Accepted but without effect; anything else is ignored unless handling=strict.
@@ -48,9 +49,10 @@ def bundle(kind: str, entries: list[Json], **extra: Any) -> Json:
 
 
 class Engine:
-    def __init__(self, store: Store, base_url: str) -> None:
+    def __init__(self, store: Store, base_url: str, profile: Profile | None = None) -> None:
         self.store = store
         self.base_url = base_url
+        self.profile = profile or resolve_profile(None)
         self._handlers: dict[str, Callable[[FhirRequest], FhirResponse]] = {
             "capabilities": self._capabilities,
             "create": self._create,
@@ -99,11 +101,15 @@ class Engine:
             body = version.copy_resource()
         return FhirResponse(status, body, version, self.location(version))
 
-    @staticmethod
-    def _check_if_match(if_match: str | None, latest: Version | None) -> None:
-        if if_match is None:
-            return
+    def _check_if_match(self, if_match: str | None, latest: Version | None) -> None:
+        conflict = self.profile.conflict_status
         live = latest is not None and not latest.deleted
+        if if_match is None:
+            if self.profile.require_if_match is not None and live:
+                raise FhirError(self.profile.require_if_match,
+                                "this server requires If-Match to change an existing resource",
+                                "business-rule")
+            return
         if if_match.strip() == "*":
             if not live:
                 raise FhirError(412, "If-Match: * but the resource does not exist", "conflict")
@@ -111,10 +117,52 @@ class Engine:
         match = _ETAG_RE.match(if_match.strip())
         if match is None:
             raise FhirError(400, f"malformed If-Match {if_match!r}", "invalid")
-        if not live or latest is None or int(match.group(1)) != latest.version_id:
-            current = latest.etag if live and latest else "none"
-            raise FhirError(412, f"If-Match {if_match} does not match current version {current}",
+        weak = match.group(1) is not None
+        if self.profile.strong_etags and weak:  # strong comparison: a weak validator never matches
+            raise FhirError(conflict, f"If-Match {if_match} is weak; this server compares strongly",
                             "conflict")
+        if not live or latest is None or int(match.group(2)) != latest.version_id:
+            current = latest.etag if live and latest else "none"
+            raise FhirError(conflict, f"If-Match {if_match} does not match current version {current}",
+                            "conflict")
+
+    # -- profile business rules (locked charts, closed encounters, merged patients) ---------
+    def _refs(self, value: Any, out: set[str]) -> set[str]:
+        if isinstance(value, list):
+            for item in value:
+                self._refs(item, out)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if key == "reference" and isinstance(item, str):
+                    out.add(self._normalise_ref(item))
+                else:
+                    self._refs(item, out)
+        return out
+
+    def check_write_rules(self, rtype: str, rid: str | None, resource: Json | None) -> None:
+        """Refuse a write the profile's EHR would refuse; ``resource`` is the version written
+        (or, for a delete, the stored one). The stored version counts too."""
+        p = self.profile
+        if not (p.locked_patients or p.closed_encounters or p.merged_patients):
+            return
+        refs: set[str] = set()
+        self._refs(resource, refs)
+        stored = self.store.latest(rtype, rid) if rid else None
+        if stored is not None and not stored.deleted:
+            self._refs(stored.resource, refs)
+        if rid:
+            refs.add(f"{rtype}/{rid}")
+        for old, new in p.merged_patients.items():
+            if f"Patient/{old}" in refs:
+                raise FhirError(p.merged_status, f"Patient/{old} was merged into Patient/{new}",
+                                "business-rule")
+        for pid in p.locked_patients:
+            if f"Patient/{pid}" in refs:
+                raise FhirError(p.locked_status, f"the chart of Patient/{pid} is locked", "lock-error")
+        new_refs = self._refs(resource, set()) | ({f"{rtype}/{rid}"} if rid else set())
+        for eid in p.closed_encounters:
+            if f"Encounter/{eid}" in new_refs:
+                raise FhirError(p.closed_status, f"Encounter/{eid} is closed", "business-rule")
 
     def find_if_none_exist(self, rtype: str, criteria: str) -> Version | None:
         params = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
@@ -165,12 +213,15 @@ class Engine:
                 return FhirResponse(200, existing.copy_resource(), existing,
                                     self.location(existing))
         rid = req.assigned_id or self.store.new_id()
+        self.check_write_rules(req.rtype, None, req.resource)
         version = self.store.put(req.rtype, rid, req.resource)
         return self._written(201, version, req.prefer_return)
 
     def _read(self, req: FhirRequest) -> FhirResponse:
         assert req.rtype is not None and req.rid is not None
         version = self.store.current(req.rtype, req.rid)
+        if self.profile.concurrent_writer:  # another user saves right after our read
+            self.store.put(req.rtype, req.rid, version.copy_resource())
         return FhirResponse(200, version.copy_resource(), version)
 
     def _vread(self, req: FhirRequest) -> FhirResponse:
@@ -202,6 +253,7 @@ class Engine:
         assert req.rtype is not None and req.rid is not None and req.resource is not None
         latest = self.store.latest(req.rtype, req.rid)
         self._check_if_match(req.if_match, latest)
+        self.check_write_rules(req.rtype, req.rid, req.resource)
         created = latest is None or latest.deleted
         version = self.store.put(req.rtype, req.rid, req.resource)
         return self._written(201 if created else 200, version, req.prefer_return)
@@ -215,12 +267,14 @@ class Engine:
         if not isinstance(patched, dict) or patched.get("resourceType") != req.rtype \
                 or patched.get("id") != req.rid:
             raise FhirError(422, "patch must not change resourceType or id", "processing")
+        self.check_write_rules(req.rtype, req.rid, patched)
         version = self.store.put(req.rtype, req.rid, patched)
         return self._written(200, version, req.prefer_return)
 
     def _delete(self, req: FhirRequest) -> FhirResponse:
         assert req.rtype is not None and req.rid is not None
         self._check_if_match(req.if_match, self.store.latest(req.rtype, req.rid))
+        self.check_write_rules(req.rtype, req.rid, None)
         version = self.store.delete(req.rtype, req.rid)
         body = outcome(f"{req.rtype}/{req.rid} deleted", "informational", "information")
         return FhirResponse(200, body, version)

@@ -50,6 +50,7 @@ class Version:
     version_id: int
     when: datetime
     resource: Json | None
+    strong: bool = False  # strong ETags ("3") instead of weak ones (W/"3"): a profile choice
 
     @property
     def deleted(self) -> bool:
@@ -57,7 +58,7 @@ class Version:
 
     @property
     def etag(self) -> str:
-        return f'W/"{self.version_id}"'
+        return f'"{self.version_id}"' if self.strong else f'W/"{self.version_id}"'
 
     @property
     def last_modified(self) -> str:
@@ -80,8 +81,9 @@ class Store:
     Not thread-safe on its own: the server holds one lock around store and log.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, strong_etags: bool = False) -> None:
         self._items: dict[tuple[str, str], list[Version]] = {}
+        self.strong_etags = strong_etags
 
     # -- transactions --------------------------------------------------------
     def snapshot(self) -> dict[tuple[str, str], list[Version]]:
@@ -151,7 +153,7 @@ class Store:
         meta["versionId"] = str(version_id)
         meta["lastUpdated"] = fhir_instant(when)
         stored["meta"] = meta
-        version = Version(rtype, rid, version_id, when, stored)
+        version = Version(rtype, rid, version_id, when, stored, self.strong_etags)
         self._items.setdefault((rtype, rid), []).append(version)
         return version
 
@@ -162,6 +164,7 @@ class Store:
             raise FhirError(404, f"{rtype}/{rid} is not known", "not-found")
         if latest.deleted:
             return latest
-        version = Version(rtype, rid, latest.version_id + 1, datetime.now(UTC), None)
+        version = Version(rtype, rid, latest.version_id + 1, datetime.now(UTC), None,
+                          self.strong_etags)
         self._items[(rtype, rid)].append(version)
         return version

@@ -219,26 +219,29 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._control(path, body)
             return
+        method, override, fhir_query = sandbox.effective_method(self.command, headers, query, body)
         if framing_error is not None:
-            req = FhirRequest(self.command, "error",
+            req = FhirRequest(method, "error",
                               error=FhirError(framing_error.status, str(framing_error),
                                               "structure"))
         else:
             try:
                 segs = fhir_segments(path, sandbox.base_path)
             except FhirError as exc:
-                req = FhirRequest(self.command, "error", error=exc)
+                req = FhirRequest(method, "error", error=exc)
             else:
-                req = parse_http(self.command, segs, query, headers, body, sandbox.base_url)
-        entry, decision = sandbox._admit(self.command, path, query, headers, body, req)
+                req = parse_http(method, segs, fhir_query, headers, body, sandbox.base_url)
+        entry, decision = sandbox._admit(self.command, path, query, headers, body, req,
+                                         effective_method=method, override=override)
         if decision.kind == "hang":
             self._hang()
             return
         if decision.kind is not None:
             sandbox._stopping.wait(decision.delay_s)  # stop() cuts delays short
             extra = {"Retry-After": decision.retry_after} if decision.retry_after else {}
+            code = "throttled" if decision.kind == "rate_limit" else "transient"
             res = FhirResponse(decision.status,
-                               outcome(f"sandbox fault injection ({decision.kind})", "transient"))
+                               outcome(f"sandbox fault injection ({decision.kind})", code))
             sandbox._finish(entry, res.status)
             self._send_fhir(res, extra)
             return
@@ -248,11 +251,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_fhir(res)
 
     def _hang(self) -> None:
-        """Hold the connection without answering until the peer or the server goes away."""
+        """Hold the connection without answering until the peer or the server goes away, or
+        the faults change (then the connection is closed unanswered)."""
         self.close_connection = True
         stopping = self.server.sandbox._stopping
+        epoch = self.server.sandbox._hang_epoch  # changing the faults releases held requests
         sock = self.connection
-        while not stopping.is_set():
+        while not stopping.is_set() and self.server.sandbox._hang_epoch == epoch:
             try:
                 readable, _, _ = select.select([sock], [], [], 0.05)
                 if readable and not sock.recv(65536):
@@ -289,6 +294,17 @@ class _Handler(BaseHTTPRequestHandler):
         elif (name, method) == ("reset", "POST"):
             sandbox.reset()
             self._send_json(200, {"cleared": "store, log, faults"})
+        elif name == "profile" and method in ("GET", "POST"):
+            if method == "POST":  # {"profile": "oracle"} or {"profile": {...}}: switch and reset
+                try:
+                    raw = json.loads(body or b"{}")
+                    if not isinstance(raw, dict) or set(raw) - {"profile"}:
+                        raise ValueError('body must be {"profile": NAME or MAPPING}')
+                    sandbox.set_profile(raw.get("profile"))
+                except (ValueError, TypeError) as exc:
+                    self._send_json(400, {"error": str(exc)})
+                    return
+            self._send_json(200, sandbox.profile_info())
         elif (name, method) == ("health", "GET"):
             self._send_json(200, {"status": "ok", "base_url": sandbox.base_url})
         else:
