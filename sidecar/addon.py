@@ -80,7 +80,7 @@ def raw_request(flow: http.HTTPFlow, mode: str, peer: str | None = None) -> RawR
     headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in r.headers.fields)
     meta = flow.metadata.get(META + ".host")
     return RawRequest(
-        method=r.method,
+        method=r.data.method.decode("ascii", "replace"),  # as sent: `Request.method` upper-cases
         target=r.data.path,
         headers=headers,
         body=r.raw_content or b"",
@@ -348,8 +348,7 @@ class SidecarAddon:
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
         fields = upstream_headers(d, self.upstream, peer)
         r.headers.fields = tuple(fields)  # replace in place: a new Headers object costs type checks
-        if r.method != req.method:
-            r.method = req.method
+        r.method = req.method  # always: the classified method is the one that leaves
         if self.mode == "transparent":
             # iptables sent us whatever the app addressed: the only place we ever connect is the EHR
             host, port, scheme = self.upstream

@@ -168,6 +168,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from sidecar.sandbox import main as sandbox_main
 
     argv = ["--host", "127.0.0.1", "--port", str(args.port)]
+    if args.profile:
+        argv += ["--profile", args.profile]
     return sandbox_main(argv)
 
 
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sandbox", help="the bundled sandbox EHR alone")
     s.add_argument("--port", type=int, default=8081)
+    s.add_argument("--profile", help="an EHR profile (e.g. oracle, chart-locked, rate-limited); comma-joined combine")
     s.set_defaults(fn=cmd_sandbox)
     return p
 

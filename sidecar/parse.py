@@ -199,9 +199,15 @@ def effective_method(raw: RawRequest) -> str:
     return override
 
 
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _single_headers(raw: RawRequest) -> dict[str, str]:
     seen: dict[str, str] = {}
     for k, v in raw.headers:
+        if _HEADER_CONTROL.search(v) or _HEADER_CONTROL.search(k):
+            # a bare CR or NUL in a value would split it into two headers further on
+            raise bad_request("control character in a header")
         if k in SINGLE_HEADERS and k in seen:
             raise bad_request(f"duplicate {k} header")
         seen.setdefault(k, v)

@@ -84,6 +84,12 @@ class PriorStateReader:
             raise unavailable("current version could not be read from the EHR") from None
         if resp.status_code in (404, 410):
             return Prior(None, None)
+        if resp.status_code in (429, 503):
+            # the EHR asks for quiet: pass its answer on (with Retry-After), never a false 403
+            retry = resp.headers.get("retry-after")
+            raise Refusal(resp.status_code, "the EHR asked to back off while the current version was read",
+                          "throttled" if resp.status_code == 429 else "transient",
+                          (("Retry-After", retry),) if retry else (), decision="error")
         if resp.status_code != 200:
             raise Refusal(502 if resp.status_code >= 500 else 403,
                           f"current version could not be read (EHR answered {resp.status_code})",

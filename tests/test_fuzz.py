@@ -327,7 +327,7 @@ def env(tmp_path_factory):
                       fhir={"max_body_bytes": MAX_BODY})
     sc = SidecarProcess(cfg, tmp).start()
     state: dict[str, Any] = {"sidecar": sc, "sandbox": sandbox, "n": 0, "reached": 0, "forwarded": {},
-                             "statuses": Counter(), "interactions": Counter(), "tmp": tmp, "known_lowercase": 0}
+                             "statuses": Counter(), "interactions": Counter(), "tmp": tmp}
     yield state
     sc.stop()
     sandbox.stop()
@@ -398,13 +398,7 @@ def test_classification_matches_what_the_ehr_executed(env: dict[str, Any], r: di
     env["reached"] += 1
     env["interactions"][cls.interaction] += 1
     assert last["override"] is None, f"an override reached the EHR: {last}"
-    if r["method"] != r["method"].upper() and last["method"] == r["method"]:
-        # Known sidecar bug (tests/attacks/method-lowercase-read.yaml, strict xfail): a non-upper-case
-        # method is forwarded verbatim on the mitmproxy path (addon._prepare_upstream compares the
-        # upper-casing `Request.method`). Tolerated narrowly: the EHR must not have executed a write.
-        env["known_lowercase"] += 1
-        assert last["action"] not in WRITE_ACTIONS, f"lower-case method executed as a write: {last}"
-        return
+    assert r["method"] == r["method"].upper(), f"a non-upper-case method reached the EHR: {last}"
     assert last["effective_method"] == req.method or (req.method == "HEAD" and last["effective_method"] == "HEAD"), \
         (req.method, last)
     action = last["action"]
@@ -444,8 +438,7 @@ def test_fuzz_audit_agrees_and_the_sidecar_is_still_ready(env: dict[str, Any]) -
     mismatched = {c: (i, by_corr.get(c)) for c, i in env["forwarded"].items() if by_corr.get(c, {i}) != {i}}
     missing = [c for c in env["forwarded"] if c not in by_corr]
     print(f"\nfuzz: {env['n']} examples, {env['reached']} reached the EHR; statuses {dict(env['statuses'])}; "
-          f"forwarded interactions {dict(env['interactions'])}; audit records missing for {len(missing)}; "
-          f"known lower-case-method bug hit {env['known_lowercase']} times")
+          f"forwarded interactions {dict(env['interactions'])}; audit records missing for {len(missing)}")
     assert mismatched == {}
     # capabilities/discovery are public and may go unaudited; everything else forwarded has a record
     unaudited = {c: env["forwarded"][c] for c in missing if env["forwarded"][c] not in ("capabilities", "discovery")}

@@ -14,6 +14,8 @@ import uuid
 
 import pytest
 
+import sidecar.parse as parse_mod
+
 from sidecar.classify import classify
 from sidecar.errors import Refusal
 from sidecar.parse import parse_request
@@ -478,6 +480,13 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 )
 def test_correlation_id(value: str | None, kept: bool) -> None:
     headers = [("x-correlation-id", value)] if value is not None else []
+    if value is not None and any(ord(c) < 0x20 for c in value):
+        # a control character in any header refuses the request; the answer still gets a fresh id
+        with pytest.raises(Refusal) as info:
+            parse(raw("GET", P9, headers))
+        assert info.value.status == 400
+        assert UUID_RE.fullmatch(parse_mod.correlation_id(raw("GET", P9, headers)))
+        return
     cid = parse(raw("GET", P9, headers)).correlation_id
     if kept:
         assert cid == value
@@ -511,6 +520,12 @@ TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 )
 def test_traceparent(value: str | None, kept: bool) -> None:
     headers = [("traceparent", value)] if value is not None else []
+    if value is not None and any(ord(c) < 0x20 for c in value):
+        with pytest.raises(Refusal) as info:  # control characters in a header: refused outright
+            parse(raw("GET", P9, headers))
+        assert info.value.status == 400
+        assert parse_mod.traceparent(raw("GET", P9, headers)) != value
+        return
     tp = parse(raw("GET", P9, headers)).traceparent
     if kept:
         assert tp == value

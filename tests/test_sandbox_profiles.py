@@ -443,8 +443,6 @@ def test_sidecar_holds_writes_while_the_ehr_rate_limit_lasts(pair) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="sidecar bug: a prior-state read answered 429 becomes a 403 'forbidden' "
-                                       "(sidecar/prior.py maps every non-5xx to 403); DESIGN wants the EHR's 429 + Retry-After")
 def test_sidecar_prior_state_read_answered_429_is_not_a_permanent_refusal(pair) -> None:
     """A write whose prior-state read the EHR throttles must not look forbidden (403)."""
     sc, sandbox = pair

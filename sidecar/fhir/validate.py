@@ -158,12 +158,15 @@ class _Problem(Exception):
         self.code = code
 
 
+# FHIR strings are `[ \r\n\t\S]+`: no other control character (a NUL also breaks downstream engines)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
 _SCALAR_OK: Final = {
     "bool": lambda v: type(v) is bool,
     "int": lambda v: type(v) is int,
     "dec": lambda v: type(v) in (int, float),
-    "str": lambda v: type(v) is str and v != "",
-    "xhtml": lambda v: type(v) is str and v != "",
+    "str": lambda v: type(v) is str and v != "" and _CONTROL.search(v) is None,
+    "xhtml": lambda v: type(v) is str and v != "" and _CONTROL.search(v) is None,
     "id": lambda v: type(v) is str and _ID.fullmatch(v) is not None,
 }
 
@@ -190,6 +193,11 @@ def _walk_element(obj: dict[str, Any], table: dict[str, _Field], path: str, skip
             continue
         field = table.get(key)
         p = f"{path}.{_key(key)}"
+        if field is None and key.startswith("_value") and key[1:] in table and type(value) is dict:
+            # a primitive value[x]'s extension twin (`_valueString`): an Element with id/extension only;
+            # the R4B Extension model has no fields for it, R4 allows it
+            _walk_element(value, {k: table[k] for k in ("id", "extension") if k in table}, p)
+            continue
         if field is None:
             raise _Problem("structure", p, "unknown element")
         if not field.is_list:
