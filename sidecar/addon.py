@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timezone
 import time
 import uuid
 from dataclasses import replace
@@ -27,6 +28,7 @@ from sidecar.logs import get_logger
 from sidecar.mtls import CertificateRejected, ClientCertVerifier
 from sidecar.parse import correlation_id, traceparent
 from sidecar.pipeline import Decision, Pipeline
+from sidecar.recording import record_decision
 from sidecar.request import RawRequest
 from sidecar.upstream import NotSent, OutcomeUnknown, UpstreamClient
 
@@ -106,6 +108,7 @@ class SidecarAddon:
         self.mtls = mtls
         self.review_polls = True  # GET /.fhir-sidecar/requests/{id} (held writes)
         self.all_through_writer = all_through_writer
+        self.recorder: Any = None  # sidecar.recording.Recorder when `recording:` is configured
         self._peer_ids: dict[str, str] = {}   # client connection id -> verified mTLS client id
         self.mode = mode
         self.upstream = (upstream_host, upstream_port, upstream_scheme)
@@ -175,6 +178,7 @@ class SidecarAddon:
                 # the app spoke plain HTTP to an HTTPS EHR address: never downgrade, never guess
                 decision = Decision(corr, "", time.monotonic(), deny("plain HTTP to the EHR refused"))
             else:
+                flow.metadata[META + ".when"] = datetime.now(timezone.utc)
                 decision = await self._pipeline().decide(raw, corr, traceparent(raw))
             flow.metadata[META] = decision
             if decision.refusal is not None:
@@ -228,6 +232,7 @@ class SidecarAddon:
                     headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
                     body=resp.raw_content or b"")
             self._log(d, resp.status_code)
+            self._record(flow, d, resp.status_code)
         except Exception as e:
             # The request already went upstream: the app gets the upstream's true answer (a false
             # failure would invite a duplicate write); the failure is logged loudly.
@@ -253,6 +258,7 @@ class SidecarAddon:
             await self._pipeline().finish(d, None, self._raw(flow), outcome="unknown", sent=True,
                                           upstream_failed=not client_side)
             self._log(d, 499 if client_side else 502)
+            self._record(flow, d, 499 if client_side else 502)
         except Exception as e:
             log.error("error hook failed", error_type=type(e).__name__)
         finally:
@@ -304,11 +310,13 @@ class SidecarAddon:
             await self._pipeline().finish(d, None, self._raw(flow), outcome="failed" if sent == "not-sent" else "unknown",
                                           sent=sent != "not-sent")
             self._log(d, 502 if sent == "not-sent" else 504)
+            self._record(flow, d, 502 if sent == "not-sent" else 504)
             return
         await self._pipeline().finish(d, resp.status_code, self._raw(flow),
                                       headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
                                       body=resp.raw_content or b"")
         self._log(d, resp.status_code)
+        self._record(flow, d, resp.status_code)
 
     async def _answer_poll(self, flow: http.HTTPFlow, raw: RawRequest, corr: str) -> None:
         """FHIR's asynchronous pattern for held writes: 202 while pending, then the outcome."""
@@ -327,6 +335,10 @@ class SidecarAddon:
         if status == 202:
             headers.append((b"retry-after", b"10"))
         flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
+
+    def _record(self, flow: http.HTTPFlow, d: Decision | None, status: int) -> None:
+        if self.recorder is not None and d is not None:
+            record_decision(self.recorder, flow.metadata.get(META + ".raw"), d, status, flow.metadata.get(META + ".when"))
 
     def _raw(self, flow: http.HTTPFlow) -> RawRequest:
         raw = flow.metadata.get(META + ".raw")

@@ -164,6 +164,22 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from sidecar.recording import RecordingError, recording_key
+    from sidecar.replay import format_report, replay
+
+    cfg, path = _load(args)
+    base = path.parent.resolve()
+    try:
+        key = recording_key(cfg, base, key_ref=args.key)
+        report = replay(Path(args.flows), cfg, key=key, base_dir=base)
+    except RecordingError as e:
+        print(f"fhir-sidecar: {e}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else format_report(report))
+    return 1 if args.strict and report.strict_failed else 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from sidecar.sandbox import main as sandbox_main
 
@@ -262,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sidecar.approvals.cli import add_parser as add_approvals
 
     add_approvals(sub)
+
+    rp = sub.add_parser("replay", help="re-decide recorded flows offline under a (new) config; report changes")
+    rp.add_argument("flows")
+    rp.add_argument("--config")
+    rp.add_argument("--strict", action="store_true", help="exit 1 on any changed or undecidable decision")
+    rp.add_argument("--key", help="secret reference of the recording key (default: recording.key or the audit key)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_replay)
 
     s = sub.add_parser("sandbox", help="the bundled sandbox EHR alone")
     s.add_argument("--port", type=int, default=8081)

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from sidecar.alerts import AlertsConfig
 from sidecar.approvals.config import ApprovalsConfig, check_reviewers_against_clients
+from sidecar.recording import RecordingConfig, check_recording_clients
 from sidecar.scopes import parse_scope
 from sidecar.secretrefs import check_ref
 
@@ -315,6 +316,7 @@ class Config(_Model):
     breaker: Breaker = Field(default_factory=Breaker)
     backoff: Backoff = Field(default_factory=Backoff)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    recording: RecordingConfig | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -326,6 +328,8 @@ class Config(_Model):
         if len(set(hashes)) != len(hashes):
             raise ValueError("two clients share one api_key_sha256: a key must identify exactly one client")
         check_reviewers_against_clients(self.approvals, ids)
+        if self.recording is not None:
+            check_recording_clients(self.recording, ids)
         singles = [c for c in self.clients if c.auth == "single"]
         if singles and (len(self.clients) > 1 or not self.listen.is_loopback):
             raise ValueError("auth `single` is the one app in the pod: it must be the only client, on a loopback listener")

@@ -108,10 +108,12 @@ class Pipeline:
         return await self.rt.identities.identify(req.credentials, public=cls.public)
 
     async def guard(self, req: FhirRequest, cls: Classification, who: Principal, *, raw: RawRequest | None = None,
-                    release: Any = None) -> tuple[Prior | None, bool]:
+                    release: Any = None, seen: list | None = None) -> tuple[Prior | None, bool]:
         guards.check_scopes(cls, who)
         guards.check_valid(req, cls)
         prior = await self.prior_state(req, cls, who)
+        if seen is not None:
+            seen.append(prior)
         confine = check_context(req, cls, who, prior, self._upstream_base)
         if self.rt.policy is not None and cls.is_write:
             await self._policy(req, cls, who, prior, raw=raw, release=release)
@@ -171,6 +173,7 @@ class Pipeline:
         cls: Classification | None = None
         who: Principal | None = None
         held: Reserved | None = None
+        seen: list[Prior | None] = []  # the stored version a refusal was decided on (recording, replay)
         try:
             try:
                 req = self.parse(raw, correlation, trace)
@@ -182,7 +185,7 @@ class Pipeline:
                     await self._record(self._fields("replay", req, cls, who, raw, decision="replay",
                                                     reasons=["idempotent replay of a completed write"]))
                     return Decision(correlation, trace, started, None, req, cls, who, replay=replay)
-                prior, confine = await self.guard(req, cls, who, raw=raw, release=release)
+                prior, confine = await self.guard(req, cls, who, raw=raw, release=release, seen=seen)
                 auth, probe = await self.upstream_gate(cls, who, release=release)
                 seq = await self.audit(req, cls, who, raw, release=release)
                 if held is not None:
@@ -194,7 +197,7 @@ class Pipeline:
                 await self._release(who.client_id or "", held)
             await self._record_refusal(refusal, raw, req, cls, who, correlation)
             self.svc.metrics.observe_decision(time.monotonic() - started)
-            denied = Decision(correlation, trace, started, refusal, req, cls, who)
+            denied = Decision(correlation, trace, started, refusal, req, cls, who, prior=seen[0] if seen else None)
             self.observe(denied, refusal.status, raw)
             return denied
         self.svc.metrics.observe_decision(time.monotonic() - started)

@@ -33,6 +33,7 @@ from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
 from sidecar.upstream import UpstreamClient
 from sidecar.secretrefs import resolve
 from sidecar.addon import upstream_headers
+from sidecar.recording import Recorder, RecordingError, recording_key
 from sidecar.request import RawRequest
 from sidecar.services import SERVICE_KEYS, start_sweeper
 from sidecar.upstream import NotSent, OutcomeUnknown
@@ -120,6 +121,12 @@ class Sidecar:
             loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
             loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.drain()))
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        if self.cfg.recording is not None:
+            try:
+                self.addon.recorder = Recorder(self.cfg.recording, recording_key(self.cfg, self.base_dir, vault=rt.svc.vault),
+                                               self.base_dir)
+            except (OSError, RecordingError) as e:
+                raise ConfigError(f"recording: {e}") from None
         hooks = rt.svc.approvals.hooks
         hooks.audit = lambda f: self._current().rt.audit.append(f, durable=True)
         hooks.release = self._release
@@ -137,6 +144,8 @@ class Sidecar:
         finally:
             poll.cancel()
             await self.admin.stop()
+            if self.addon.recorder is not None:
+                await self.addon.recorder.close()
             await self._current().rt.audit.close()
             await self._current().rt.svc.close()
             await self.writer.close()

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from sidecar.audit.record import derive_key
+from sidecar.fhir.types import is_r4_type
 from sidecar.logs import get_logger
 from sidecar.request import RawRequest
 from sidecar.secretrefs import SecretError, check_ref, resolve
@@ -290,11 +291,12 @@ def make_record(aead: AESGCM, kid: str, *, raw: RawRequest, decision_summary: di
     when = _utc(when)
     method = raw.method.upper()[:16] if raw.method.isascii() and raw.method.isalpha() else "UNKNOWN"
     decision = s.get("decision") if s.get("decision") in _DECISIONS else "error"
-    clear = {
+    clear: dict[str, Any] = {
         "v": FORMAT_VERSION, "kid": kid, "time": when.isoformat().replace("+00:00", "Z"),
         "method": method,
         "interaction": _clean(_INTERACTION, s.get("interaction")),
-        "resource_type": _clean(_TYPE, s.get("resource_type")),
+        # only a real FHIR type name: a path segment an app got wrong could be anything (a name)
+        "resource_type": _clean(_TYPE, s.get("resource_type")) if is_r4_type(s.get("resource_type")) else None,
         "client_id": _clean(_CLIENT, getattr(principal, "client_id", None)),
         "correlation_id": _clean(_CORRELATION, s.get("correlation_id")),
         "decision": decision,
@@ -382,9 +384,9 @@ class Recorder:
                     return
                 self._pending += 1
                 self._pending_bytes += size
-            self._queue.put((size, dict(raw=raw, decision_summary=dict(decision_summary or {}), principal=principal,
-                                        current=current, when=when, status=status, prior_read=prior_read,
-                                        etag=etag)))
+            self._queue.put((size, {"raw": raw, "decision_summary": dict(decision_summary or {}),
+                                    "principal": principal, "current": current, "when": when, "status": status,
+                                    "prior_read": prior_read, "etag": etag}))
         except Exception as e:  # never into the request path
             self._count("errors")
             log.error("recording failed", error_type=type(e).__name__)

@@ -16,9 +16,11 @@ Runtime state is not re-decided (kill switch, rate limits, idempotency, breaker,
 store or engine, the EHR's answers): a live refusal that came from there is counted as "not
 compared" instead of reported as a change.
 
-A change is a different decision (allow / deny / review / error / undecidable), or for a deny a
-different status or reason. The report holds no PHI: method, interaction, type, client,
-correlation id, time, decisions and the sidecar's fixed-phrase reasons.
+A change is a different decision (allow / deny / review / error), or a different status for a
+deny (403 -> 400); the same decision for another reason (a policy deny that is now a scope deny)
+is listed apart, as a reason change, and does not fail `--strict`. The report holds no PHI:
+method, interaction, type, client, correlation id, time, decisions and the sidecar's
+fixed-phrase reasons.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class ReplayReport:
     total: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DECISIONS, 0))       # new decisions
     live_counts: dict[str, int] = field(default_factory=dict)                                   # recorded decisions
-    changes: list[Replayed] = field(default_factory=list)
+    changes: list[Replayed] = field(default_factory=list)            # the decision changed
+    reason_changes: list[Replayed] = field(default_factory=list)     # same decision, other reasons
     undecidable: list[Replayed] = field(default_factory=list)
     not_compared: list[Replayed] = field(default_factory=list)   # live refusal came from runtime state
     warnings: list[str] = field(default_factory=list)
@@ -105,6 +108,7 @@ class ReplayReport:
             "counts": dict(self.counts), "live_counts": dict(self.live_counts),
             "changed": len(self.changes), "strict_failed": self.strict_failed,
             "changes": [c.to_dict() for c in self.changes],
+            "reason_changes": [c.to_dict() for c in self.reason_changes],
             "undecidable": [c.to_dict() for c in self.undecidable],
             "not_compared": [c.to_dict() for c in self.not_compared],
             "warnings": list(self.warnings),
@@ -142,8 +146,10 @@ def _prior(rec: RecordedRequest, req: Any, cls: Any) -> Prior | None:
     t = req.target
     if cls.interaction not in PRIOR_STATE or not t.resource_type or not t.id:
         return None
-    if rec.prior_read is False:
-        return None  # the live sidecar read no prior state (no reader configured)
+    if rec.prior_read is not True:
+        # live, the request was refused before prior state (or the stored version was not recorded):
+        # deciding without `current` would be a guess
+        raise Undecidable("the stored version (current) was not recorded for this request")
     current = rec.current
     etag = rec.etag
     if etag is None and isinstance(current, dict):
@@ -211,9 +217,12 @@ async def decide_recorded(rec: RecordedRequest, cfg: Config, policy: PolicyEngin
 def _changed(old: Outcome, new: Outcome) -> bool:
     if old.decision != new.decision:
         return True
-    if old.decision in ("deny", "error"):
-        return old.status != new.status or old.reasons != new.reasons
-    return False  # allow: the status is the EHR's; review: the reason names the hold
+    return old.decision == "deny" and old.status != new.status  # allow: the status is the EHR's
+
+
+def _reasons_changed(old: Outcome, new: Outcome) -> bool:
+    # allow has none; a review's live reason names the hold (its id), not the policy's reasons
+    return old.decision in ("deny", "error") and old.reasons != new.reasons
 
 
 async def replay_async(path: str | Path, cfg: Config, *, key: bytes, base_dir: Path,
@@ -241,6 +250,8 @@ async def replay_async(path: str | Path, cfg: Config, *, key: bytes, base_dir: P
             report.not_compared.append(item)
         elif _changed(old, new):
             report.changes.append(item)
+        elif _reasons_changed(old, new):
+            report.reason_changes.append(item)
     if torn:
         report.warnings.append(f"the recording ends in an unreadable tail after {torn[0]} flows (ignored)")
     report.live_counts = dict(live_counts)
@@ -292,9 +303,10 @@ def format_report(report: ReplayReport) -> str:
     rows = [[n, str(report.live_counts.get(n, 0)), str(report.counts.get(n, 0))] for n in names]
     lines += _table(rows, ["decision", "recorded", "replayed"])
     lines.append("")
-    lines.append(f"changed: {len(report.changes)}   undecidable: {len(report.undecidable)}   "
-                 f"not compared (runtime refusals): {len(report.not_compared)}")
+    lines.append(f"changed: {len(report.changes)}   same decision, other reasons: {len(report.reason_changes)}   "
+                 f"undecidable: {len(report.undecidable)}   not compared (runtime refusals): {len(report.not_compared)}")
     lines += _items("changed decisions", report.changes)
+    lines += _items("same decision, other reasons", report.reason_changes)
     lines += _items("undecidable", report.undecidable)
     lines += _items("not compared: the live refusal came from runtime state", report.not_compared)
     for w in report.warnings:

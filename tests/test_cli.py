@@ -203,3 +203,34 @@ def test_engine_opa_end_to_end_against_an_opa_data_api(tmp_path):
     finally:
         opa.stop()
         sandbox.stop()
+
+
+def test_record_through_the_running_sidecar_then_replay_under_a_new_config(tmp_path):
+    sandbox = SandboxServer("127.0.0.1", 0)
+    sandbox.start()
+    try:
+        cfg = make_config(tmp_path, sandbox.base_url, policy={"engine": "off"},
+                          recording={"path": str(tmp_path / "flows.bin")})
+        sc = SidecarProcess(cfg, tmp_path).start()
+        canary = b"Zebulon Quixbyrne"
+        obs = json.loads(OBS)
+        obs["note"] = [{"text": canary.decode()}]
+        assert request(sc.port, "POST", "/fhir/R4/Observation", json.dumps(obs).encode(), WH)[0] == 201
+        assert request(sc.port, "POST", "/fhir/R4/Condition", json.dumps(
+            {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}, "code": {"text": "x"}}).encode(), WH)[0] == 201
+        assert request(sc.port, "GET", "/fhir/R4/Observation?_count=1", None, {"X-API-Key": "reader-key-1"})[0] == 200
+        sc.stop()
+        flows = (tmp_path / "flows.bin").read_bytes()
+        assert canary not in flows and WRITER_KEY.encode() not in flows and b"reader-key-1" not in flows
+        same = cli("replay", str(tmp_path / "flows.bin"), "--config", str(sc.cfg_path), "--strict")
+        assert same.returncode == 0, same.stdout + same.stderr
+        narrowed = yaml.safe_load(sc.cfg_path.read_text())
+        narrowed["clients"][0]["scopes"] = ["system/Observation.cruds", "system/Patient.rs"]  # Condition revoked
+        (tmp_path / "narrow.yaml").write_text(yaml.safe_dump(narrowed))
+        changed = cli("replay", str(tmp_path / "flows.bin"), "--config", str(tmp_path / "narrow.yaml"), "--strict",
+                      "--json")
+        assert changed.returncode == 1
+        report = json.loads(changed.stdout)
+        assert len(report["changes"]) == 1 and report["changes"][0]["resource_type"] == "Condition"
+    finally:
+        sandbox.stop()

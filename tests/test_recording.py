@@ -362,3 +362,12 @@ async def test_record_decision_helper(tmp_path):
     (rec,) = list(read_recording(tmp_path / "rec.flows", key()))
     assert rec.current == {"resourceType": "Observation", "id": "9"} and rec.prior_read and rec.etag == 'W/"1"'
     assert rec.correlation_id == "corr-1234abcd" and rec.live["status"] == 200
+
+
+async def test_only_real_type_names_are_kept_in_clear(tmp_path):
+    path = tmp_path / "rec.flows"
+    raw = RawRequest("GET", b"/fhir/R4/ZebulonQuixote", (), b"")
+    await record_all(path, [dict(requests()[0], raw=raw, decision_summary=summary(
+        "deny", None, "ZebulonQuixote", False, ["unknown resource type"], 403))])
+    assert b"ZebulonQuixote" not in path.read_bytes()
+    assert next(read_recording(path, key())).resource_type is None

@@ -192,12 +192,26 @@ def world(tmp_path_factory):
         rt = await build_runtime(cfg, tmp)
         rt = replace(rt, prior=StoredVersions())
         pipe = Pipeline(rt)
+        # The stored version a decision saw, also when it refused (the wiring carries it in
+        # `Decision.prior`; see the report: `guard` hands the prior it read back to `decide`).
+        seen: dict[str, Prior] = {}
+        read = pipe.prior_state
+
+        async def prior_state(r, cls, who):
+            p = await read(r, cls, who)
+            if p is not None:
+                seen[r.correlation_id] = p
+            return p
+
+        pipe.prior_state = prior_state  # type: ignore[method-assign]
         rec = Recorder(RecordingConfig(path="live.flows"), KEY, tmp)
         out = []
         try:
             for i, (_, raw, when, _) in enumerate(LIVE):
                 _FixedClock.at = when
                 d = await pipe.decide(raw, f"corr-{i:04d}-replay", "")
+                if d.prior is None and d.correlation_id in seen:
+                    d = replace(d, prior=seen[d.correlation_id])
                 status = d.refusal.status if d.refusal else (201 if raw.method == "POST" else 200)
                 record_decision(rec, raw, d, status, when)
                 out.append(d)
@@ -233,10 +247,9 @@ def test_unchanged_config_changes_nothing(world):
     assert report.total == len(LIVE)
     assert report.changes == [] and report.undecidable == [] and report.not_compared == []
     assert not report.strict_failed
-    assert report.counts == {"allow": 7, "deny": 4, "review": 1, "error": 0, "undecidable": 0}
-    assert report.live_counts == {"allow": 7, "deny": 4, "review": 1} | {}  or report.live_counts == {
-        "allow": 8, "deny": 4, "review": 1}
-    assert sum(report.live_counts.values()) == len(LIVE)
+    assert report.reason_changes == []
+    assert report.counts == {"allow": 8, "deny": 4, "review": 1, "error": 0, "undecidable": 0}
+    assert report.live_counts == {"allow": 8, "deny": 4, "review": 1}
     assert report.policy_revision
 
 
@@ -270,6 +283,9 @@ def test_a_client_that_lost_a_scope(world):
         assert c.new.reasons == ("scope does not grant 'c' on Observation for create",)
         assert (c.method, c.interaction, c.resource_type, c.client_id) == ("POST", "create", "Observation", "writer")
         assert c.correlation_id == f"corr-{c.index:04d}-replay"
+    # an update without If-Match may create, so it needs 'c' too: still denied, now for the scope
+    assert [(c.index, c.old.reasons, c.new.reasons) for c in report.reason_changes] == [
+        (6, ("policy: the stored version is final",), ("scope does not grant 'c' on Observation for update",))]
     assert report.strict_failed
     assert report.counts["deny"] == 6
 
@@ -324,7 +340,7 @@ def test_report_text_and_json_hold_no_phi(world):
 
     report = run(world, lose_create)
     text, js = format_report(report), report.to_json()
-    assert "changed decisions (2)" in text and "scope does not grant 'c' on Observation for create" in text
+    assert "changed decisions (2)" in text and "same decision, other reasons (1)" in text and "scope does not grant 'c' on Observation for create" in text
     assert "strict: FAIL" in text
     doc = json.loads(js)
     assert doc["changed"] == 2 and doc["strict_failed"] is True and doc["counts"]["deny"] == 6
@@ -372,7 +388,8 @@ async def test_bearer_identity_is_mapped_onto_todays_ceiling(tmp_path, world):
     other = req("GET", "/fhir/R4/Observation?patient=2", None, authorization="Bearer tok")
     rec.record(raw=other, decision_summary={"decision": "deny", "interaction": "search-type", "write": False,
                                             "resource_type": "Observation", "status": 403,
-                                            "reasons": ["patient context: the search is not confined to the patient"]},
+                                            "reasons": [("patient context: search is not confined to the "
+                                                         "patient's compartment")]},
                principal=who, current=None, when=T_DAY, status=403)
     await rec.close()
     assert dict(next(read_recording(path, KEY)).raw.headers)["authorization"] == "[stripped]"
@@ -380,6 +397,7 @@ async def test_bearer_identity_is_mapped_onto_todays_ceiling(tmp_path, world):
     c = copy.deepcopy(world["cfg"])
     same = await replay_async(path, parse_config(c), key=KEY, base_dir=world["tmp"])
     assert same.counts["allow"] == 1 and same.counts["deny"] == 1
+    assert same.changes == same.reason_changes == [] and not same.strict_failed
     # a widened ceiling does not widen what the token granted
     client(c, "smart")["scopes"] = ["patient/*.cruds"]
     wide = await replay_async(path, parse_config(c), key=KEY, base_dir=world["tmp"])
@@ -389,9 +407,30 @@ async def test_bearer_identity_is_mapped_onto_todays_ceiling(tmp_path, world):
     narrow = await replay_async(path, parse_config(c), key=KEY, base_dir=world["tmp"])
     assert [(x.index, x.new.decision, x.new.reasons) for x in narrow.changes] == [
         (0, "deny", ("scope does not grant 's' on Observation for search-type",))]
+    assert [x.index for x in narrow.reason_changes] == [1]
 
 
 def test_wrong_key_is_a_clear_error(world):
     with pytest.raises(RecordingKeyError, match="wrong key"):
         replay(world["flows"], parse_config(copy.deepcopy(world["cfg"])),
                key=recording_key_from_secret(b"not-the-recording-secret-0123456789"), base_dir=world["tmp"])
+
+
+async def test_a_write_refused_before_prior_state_cannot_be_decided_later(tmp_path, world):
+    """Live, the reader's update was refused on scopes before `current` was read: once a new config
+    lets it past the scopes, deciding it would need the stored version nobody recorded."""
+    path = tmp_path / "early.flows"
+    rec = Recorder(RecordingConfig(path=str(path)), KEY, tmp_path)
+    who = Principal("reader", "api-key", ScopeSet.from_strings(["system/*.rs"]))
+    rec.record(raw=req("PUT", "/fhir/R4/Observation/9", R_KEY, obs("final", "9")),
+               decision_summary={"decision": "deny", "status": 403, "interaction": "update", "write": True,
+                                 "reasons": ["scope does not grant 'cu' on Observation for update"]},
+               principal=who, current=None, when=T_DAY, status=403)
+    await rec.close()
+    c = copy.deepcopy(world["cfg"])
+    same = await replay_async(path, parse_config(c), key=KEY, base_dir=world["tmp"])
+    assert same.changes == same.undecidable == [] and same.counts["deny"] == 1
+    client(c, "reader")["scopes"] = ["system/*.cruds"]
+    wider = await replay_async(path, parse_config(c), key=KEY, base_dir=world["tmp"])
+    assert [u.new.reasons for u in wider.undecidable] == [("the stored version (current) was not recorded for this request",)]
+    assert wider.strict_failed
