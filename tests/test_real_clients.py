@@ -29,6 +29,8 @@ tests/real/node_modules are created on first use and cached (both git-ignored).
 
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import contextlib
 import hashlib
@@ -314,16 +316,17 @@ PY_CLIENTS: dict[str, Callable[[str, str, str | None], Result]] = {
 # upstreams and sidecars
 
 
-class Upstream:
+class Upstream(abc.ABC):
     name: str
     base_url: str
 
+    @abc.abstractmethod
     def saw(self, corr: str, expect: int) -> list[dict[str, Any]]:
         """Every request carrying `corr` the upstream received: [{method, headers (lower-case)}]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def paths(self) -> list[str]:
-        raise NotImplementedError
+        """Every request path the upstream received."""
 
 
 class SekmetUpstream(Upstream):
