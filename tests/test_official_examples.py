@@ -66,11 +66,6 @@ KNOWN: tuple[Known, ...] = (
            "RiskEvidenceSynthesis-*", "Substance?*-*"), 15,
           "R4 types that fhir.resources has no R4B model for, or one R4B reworked (Evidence, "
           "EvidenceVariable): refused as unsupported, never passed unvalidated (sidecar/fhir/types.py)"),
-    Known("extension-primitive-extension", "sidecar bug",
-          r"^400 (Bundle\.entry\[\]\.resource|CodeSystem)\.concept\[\]\.extension\[\]\._valueString: unknown element$",
-          ("CodeSystem-v2-*", "Bundle-v2-valuesets.json"), 48,
-          "R4 JSON allows `_valueString` (extensions on the primitive value) inside an Extension; the "
-          "R4B Extension model of fhir.resources has no `_value[x]` fields, so the strict walk refuses it"),
     Known("narrative-css-url", "sidecar hardening",
           r"^400 (Bundle\.entry\[\]\.resource|StructureDefinition)\.text\.div: narrative style not allowed$",
           ("StructureDefinition-*", "Bundle-resources.json", "Bundle-types.json"), 192,
@@ -94,8 +89,8 @@ KNOWN: tuple[Known, ...] = (
           "min cardinality 1 violated (SearchParameter.base 1..*, Questionnaire.item.linkId 1..1, "
           "ImplementationGuide.name/status 1..1); the JSON schema does not express it"),
     Known("code-with-nbsp", "R4B model",
-          r"^400 invalid resource: CodeSystem\.concept\[\]\.code: invalid value",
-          ("CodeSystem-v2-0550.json",), 1,
+          r"^400 invalid resource: (Bundle\.entry\[\]\.resource|CodeSystem)\.concept\[\]\.code: invalid value",
+          ("CodeSystem-v2-0550.json", "Bundle-v2-valuesets.json"), 2,
           "codes ending in U+00A0 (mojibake in the example): FHIR's code regex [^\\s]+(\\s[^\\s]+)* uses XML "
           "Schema \\s (4 ASCII characters), the R4B model's Python regex treats U+00A0 as whitespace"),
 )

@@ -329,6 +329,25 @@ def _pydantic_message(root: str, exc: ValidationError) -> str:
     return "invalid resource: " + "; ".join(parts)
 
 
+def _without_value_twins(node: Any) -> Any:
+    """The R4B Extension model has no `_value[x]` fields (R4 allows them, and the walk above has
+    checked them as Elements): the model sees a copy without them. Copies only when present."""
+    if type(node) is dict:
+        if any(k.startswith("_value") for k in node):
+            node = {k: v for k, v in node.items() if not k.startswith("_value")}
+        changed = {}
+        for k, v in node.items():
+            if type(v) in (dict, list):
+                nv = _without_value_twins(v)
+                if nv is not v:
+                    changed[k] = nv
+        return {**node, **changed} if changed else node
+    if type(node) is list:
+        out = [_without_value_twins(v) for v in node]
+        return out if any(a is not b for a, b in zip(out, node)) else node
+    return node
+
+
 def validate_resource(resource: dict[str, Any]) -> None:
     """Raise FhirValidationError unless ``resource`` is a valid resource of a
     supported R4 type. Nested resources are validated with their own types."""
@@ -345,7 +364,7 @@ def validate_resource(resource: dict[str, Any]) -> None:
     except Exception:  # e.g. a model module failing to import: refuse
         raise FhirValidationError("invalid", "invalid resource: validation failed") from None
     try:
-        model_class(root).model_validate(resource)
+        model_class(root).model_validate(_without_value_twins(resource))
     except ValidationError as e:
         raise FhirValidationError("invalid", _pydantic_message(root, e)) from None
     except Exception:  # a model bug must not let the resource through
