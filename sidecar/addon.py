@@ -30,7 +30,7 @@ from sidecar.parse import correlation_id, traceparent
 from sidecar.pipeline import Decision, Pipeline
 from sidecar.recording import record_decision
 from sidecar.request import RawRequest
-from sidecar.upstream import NotSent, OutcomeUnknown, UpstreamClient
+from sidecar.upstream import NotSent, OutcomeUnknown
 
 log = get_logger("sidecar.request")
 META = "fhir_sidecar"
@@ -100,14 +100,13 @@ class SidecarAddon:
 
     def __init__(self, pipeline_ref: Callable[[], Pipeline], *, mode: str, upstream_host: str,
                  upstream_port: int, upstream_scheme: str, upstream_base: str, base_path: str,
-                 writer: UpstreamClient | None = None, require_tls: bool = False,
-                 mtls: ClientCertVerifier | None = None, all_through_writer: bool = False) -> None:
+                 writer: Any = None, require_tls: bool = False,
+                 mtls: ClientCertVerifier | None = None) -> None:
         self._pipeline = pipeline_ref
         self.writer = writer
         self.require_tls = require_tls
         self.mtls = mtls
         self.review_polls = True  # GET /.fhir-sidecar/requests/{id} (held writes)
-        self.all_through_writer = all_through_writer
         self.recorder: Any = None  # sidecar.recording.Recorder when `recording:` is configured
         self._peer_ids: dict[str, str] = {}   # client connection id -> verified mTLS client id
         self.mode = mode
@@ -188,9 +187,10 @@ class SidecarAddon:
                 flow.response = replay_response(decision.replay, corr)
                 return
             self._prepare_upstream(flow, decision)
-            if self.writer is not None and decision.classification is not None and (
-                    decision.classification.is_write or self.all_through_writer):
-                await self._send_write(flow, decision)  # writes leave through our client (timeouts, 504)
+            if self.writer is not None:
+                # requests leave through the sidecar's own client: timeouts (504), pins checked before
+                # a byte is sent, honest outcomes; mitmproxy serves the apps' side
+                await self._send_write(flow, decision)
                 return
             forwarding = True  # the one way out that lets mitmproxy forward
         except BaseException as e:
@@ -267,7 +267,7 @@ class SidecarAddon:
     # -- helpers -------------------------------------------------------------------------------
 
     async def _send_write(self, flow: http.HTTPFlow, d: Decision) -> None:
-        """The write leaves through our client. Shielded: if the app disconnects (mitmproxy then
+        """The request leaves through our client. Shielded: if the app disconnects (mitmproxy then
         cancels this hook), the exchange with the EHR still completes and its outcome is recorded."""
         flow.metadata[META + ".own-write"] = True
         await asyncio.shield(asyncio.ensure_future(self._exchange(flow, d)))
@@ -288,9 +288,10 @@ class SidecarAddon:
         except OutcomeUnknown as e:
             log.warning("upstream outcome unknown", correlation_id=d.correlation_id, error_type=str(e)[:60])
             flow.metadata[META + ".sent"] = "unknown"
-            flow.response = refusal_response(
-                Refusal(504, "the EHR did not answer in time: the outcome is unknown; do not retry without "
-                             "reconciling (Idempotency-Key stays reserved)", "timeout"), d.correlation_id)
+            write = d.classification is not None and d.classification.is_write
+            reason = ("the EHR did not answer in time: the outcome is unknown; do not retry without reconciling "
+                      "(an Idempotency-Key stays reserved)") if write else "the EHR did not answer in time"
+            flow.response = refusal_response(Refusal(504, reason, "timeout"), d.correlation_id)
         else:
             resp = http.Response.make(ans.status, b"", [(k.lower().encode(), v.encode("latin-1"))
                                                          for k, v in ans.headers])

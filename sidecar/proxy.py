@@ -30,7 +30,7 @@ from sidecar.logs import get_logger
 from sidecar.mtls import ClientCertVerifier
 from sidecar.pipeline import Pipeline
 from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
-from sidecar.upstream import UpstreamClient
+from sidecar.upstream_fast import FastUpstreamClient
 from sidecar.secretrefs import resolve
 from sidecar.addon import upstream_headers
 from sidecar.recording import Recorder, RecordingError, recording_key
@@ -93,7 +93,8 @@ class Sidecar:
             self.admin_token = resolve(self.cfg.admin.token, base_dir=self.base_dir).reveal()
         up = self.cfg.upstream
         pins = frozenset(p.lower() for p in up.spki_sha256)
-        self.writer = UpstreamClient(verify=upstream_verify(self.cfg, self.base_dir), timeout_s=up.timeout_s, pins=pins)
+        self.writer = FastUpstreamClient(verify=upstream_verify(self.cfg, self.base_dir), timeout_s=up.timeout_s,
+                                         pins=pins)
         mtls = None
         if any(c.auth == "mtls" for c in self.cfg.clients):
             ca = resolve(self.cfg.identity.client_ca or "", base_dir=self.base_dir).reveal() \
@@ -104,9 +105,6 @@ class Sidecar:
             lambda: self._current(), mode=self.cfg.listen.mode, upstream_host=up.host, upstream_port=up.port,
             upstream_scheme=up.scheme, upstream_base=up.base_url, base_path=up.base_path, writer=self.writer,
             require_tls=self.cfg.listen.tls is not None, mtls=mtls,
-            # pinned EHR keys are checked before any byte is sent: only our own client can do that,
-            # so with pins every request (reads too) leaves through it
-            all_through_writer=bool(pins),
         )
         self.master = Master(options.Options())
         self.master.addons.add(

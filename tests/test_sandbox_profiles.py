@@ -409,8 +409,6 @@ def test_sidecar_times_out_on_a_hanging_ehr_write_with_504(pair) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="sidecar bug: reads are forwarded by mitmproxy without upstream.timeout_s; "
-                                       "a hanging EHR read holds the app (and SIGTERM's drain) indefinitely")
 def test_sidecar_times_out_on_a_hanging_ehr_read(pair) -> None:
     sc, sandbox = pair
     sandbox.set_profile({"faults": {"hang": True, "methods": ["GET"]}, "name": "hang-reads"})
