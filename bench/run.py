@@ -2,6 +2,7 @@
 """Throughput benchmark: stock `mitmdump` reverse proxy vs. the fhir-sidecar, both in front of nginx.
 
     bench/run.sh [--quick] [--connections 1,8,32] [--rounds 3] [--duration 10] [--profile]
+    bench/run.sh --all      # + the audit cost (issue #4) and policy decision latency (issue #3)
 
 Everything runs on 127.0.0.1 on free ports, with its own temporary directory, and every process
 this script starts is stopped (by PID) when it ends. See bench/README.md for what the rows mean.
@@ -29,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+import fsync_bench  # bench/fsync_bench.py (this script's directory is on sys.path)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -117,9 +120,15 @@ clients:
     scopes: [system/Observation.cruds]
 policy: {policy}
 killswitch: {{file: "{state}/killswitch"}}
-audit: {{path: "{state}/audit.jsonl", key: "env:FHIR_SIDECAR_AUDIT_KEY"}}
+audit: {{path: "{audit_dir}/audit.jsonl", key: "env:FHIR_SIDECAR_AUDIT_KEY"}}
 state: {{store: "sqlite:{state}/state.db"}}
 {extra}"""
+
+
+READS, WRITES = "sidecar reads (GET)", "sidecar writes (POST, full enforcement)"
+WRITES_OFF = "sidecar writes (POST, policy off)"
+WRITES_RAM = "sidecar writes (POST, full, audit on RAM fs)"
+WRITES_OFF_RAM = "sidecar writes (POST, policy off, audit on RAM fs)"
 
 
 class BenchError(RuntimeError):
@@ -140,19 +149,34 @@ def free_port() -> int:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (not its children), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
+    user, system = _utime_stime(f"/proc/{pid}/stat")
+    return user + system
+
+
+def _utime_stime(stat_path: str) -> tuple[float, float]:
+    with open(stat_path) as f:
         rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def cpu_split(pid: int) -> dict[str, float]:
+    """The process's CPU split into its main thread (the proxy's event loop) and every other thread
+    (the audit writer's fsync worker, the default executor, ...), each user and system, in seconds.
+    Others = process total - main thread, so threads that have exited are still counted."""
+    tu, ts = _utime_stime(f"/proc/{pid}/stat")
+    mu, ms = _utime_stime(f"/proc/{pid}/task/{pid}/stat")
+    return {"loop_user": mu, "loop_sys": ms, "other_user": tu - mu, "other_sys": ts - ms}
 
 
 def http(method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None,
          timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body)."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers.items()), r.read()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers.items()), e.read()
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
 def machine_info(tmp: Path) -> dict:
@@ -162,8 +186,9 @@ def machine_info(tmp: Path) -> dict:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp)], capture_output=True, text=True).stdout.strip()
-    return {"nproc": os.cpu_count(), "cpu_model": model, "tmp_dir": str(tmp), "tmp_fs": fs,
+    info = fsync_bench.fs_type(tmp)
+    return {"nproc": os.cpu_count(), "cpu_model": model, "tmp_dir": str(tmp), "tmp_fs": info["stat_f"],
+            "tmp_fs_info": info,
             "kernel": os.uname().release, "python": sys.version.split()[0], "loadavg": _loadavg()}
 
 
@@ -310,6 +335,7 @@ class Target:
     port: int
     pid: int
     baseline: str | None = None  # the label of the stock row this one is compared with
+    admin: int | None = None      # a sidecar's admin port: /metrics gives the audit batches per round
     rounds: list[dict] = field(default_factory=list)
     refusal_sample: str | None = None  # what one request got after non-2xx answers showed up under load
 
@@ -327,11 +353,11 @@ def start_nginx(procs: Processes, tmp: Path) -> int:
     wait_until(lambda: tcp_open(port), "nginx", nginx)
     # the upstream must answer both requests the way the benchmark assumes
     st, h, body = http("GET", f"http://127.0.0.1:{port}{READ_PATH}")
-    if st != 200 or not h.get("Content-Type", "").startswith("application/fhir+json"):
-        raise BenchError(f"nginx GET: {st} {h.get('Content-Type')}")
+    if st != 200 or not h.get("content-type", "").startswith("application/fhir+json"):
+        raise BenchError(f"nginx GET: {st} {h.get('content-type')}")
     st, h, body = http("POST", f"http://127.0.0.1:{port}{WRITE_PATH}", {"Content-Type": "application/fhir+json"},
                        WRITE_BODY)
-    if st != 201 or "Location" not in h:
+    if st != 201 or "location" not in h:
         raise BenchError(f"nginx POST: {st} {h} {body[:200]!r}")
     log(f"nginx on 127.0.0.1:{port} (pid {nginx.pid}), read body {len(json.dumps(OBSERVATION))} bytes")
     return port
@@ -378,9 +404,15 @@ def make_policy_dir(tmp: Path) -> Path:
 
 
 def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_key: str, policy_dir: Path | None,
-                  audit_key: str, args: argparse.Namespace) -> tuple[int, Proc]:
+                  audit_key: str, args: argparse.Namespace, audit_dir: Path | None = None) -> tuple[int, int, Proc]:
+    """One sidecar; everything in tmp/<name>, the audit log too unless `audit_dir` (the RAM-fs rows)."""
     state = tmp / name
     state.mkdir()
+    if audit_dir is None:
+        audit_dir = state
+    else:
+        audit_dir = audit_dir / name
+        audit_dir.mkdir(mode=0o700)
     port, admin = free_port(), free_port()
     policy = (f'{{engine: embedded, dir: "{policy_dir}", path: fhir/writeback}}' if policy_dir else '{engine: "off"}')  # quoted: YAML reads a bare off as false
     cfg = state / "sidecar.yaml"
@@ -388,7 +420,7 @@ def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_k
     # as upstream failures opens its breaker (503s for the next round): --breaker-threshold works around it
     extra = f"breaker: {{threshold: {args.breaker_threshold}}}\n" if args.breaker_threshold else ""
     cfg.write_text(SIDECAR_CONF.format(nginx=nginx_port, port=port, admin=admin, state=state, policy=policy,
-                                       key_sha=hashlib.sha256(api_key.encode()).hexdigest(), extra=extra))
+                                       audit_dir=audit_dir, key_sha=hashlib.sha256(api_key.encode()).hexdigest(), extra=extra))
     env = dict(os.environ, FHIR_SIDECAR_AUDIT_KEY=audit_key)
     p = procs.start(name, [venv_bin("fhir-sidecar"), "run", "--config", str(cfg), "--log-level", args.log_level], tmp,
                     env=env)
@@ -397,8 +429,8 @@ def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_k
         return http("GET", f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200
 
     wait_until(ready, f"{name} /readyz", p, timeout=60)
-    log(f"{name} on 127.0.0.1:{port}, admin {admin} (pid {p.pid})")
-    return port, p
+    log(f"{name} on 127.0.0.1:{port}, admin {admin} (pid {p.pid}), audit log {audit_dir}/audit.jsonl")
+    return port, admin, p
 
 
 def one_request(t: Target, api_key: str) -> tuple[int, dict[str, str], bytes]:
@@ -417,7 +449,7 @@ def sanity_check(t: Target, api_key: str) -> None:
                          f"headers: {h}\nbody: {body[:2000].decode(errors='replace')}")
     info = f"{st}, {len(body)} bytes"
     if t.method == "POST":
-        info += f", Location: {h.get('Location')}"
+        info += f", Location: {h.get('location')}"
     log(f"sanity ok: {t.label}: {info}")
 
 
@@ -434,9 +466,13 @@ def run_wrk(t: Target, api_key: str, connections: int, threads: int, duration: f
     argv = [find_exe("wrk") or "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
             "--latency", "--timeout", "10s", "-H", f"X-API-Key: {api_key}", "-s", str(WRK_LUA), url]
     env = dict(os.environ, BENCH_WRITE="1" if t.method == "POST" else "0")
+    m0 = audit_metrics(t)
+    split0 = cpu_split(t.pid)
     cpu0 = cpu_seconds(t.pid)
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration + 60)
     cpu1 = cpu_seconds(t.pid)
+    split1 = cpu_split(t.pid)
+    m1 = audit_metrics(t)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({out.returncode}) for {t.label}:\n{out.stdout}\n{out.stderr}")
@@ -446,7 +482,34 @@ def run_wrk(t: Target, api_key: str, connections: int, threads: int, duration: f
     r["cpu_s"] = round(cpu1 - cpu0, 3)
     r["cpu_s_per_req"] = (cpu1 - cpu0) / r["requests"] if r["requests"] else None
     r["connections"], r["threads"] = connections, threads
+    if r["requests"]:
+        r["cpu_split_us_per_req"] = {k: round((split1[k] - split0[k]) * 1e6 / r["requests"], 1) for k in split0}
+    if m0 and m1 and r["requests"]:
+        n = m1[0] - m0[0]
+        r["audit_batches"] = n
+        r["audit_batches_per_req"] = n / r["requests"]
+        r["audit_batch_ms_mean"] = 1000 * (m1[1] - m0[1]) / n if n else None
     return r
+
+
+def audit_metrics(t: Target) -> tuple[float, float] | None:
+    """(batches, seconds) so far: the sidecar's fhir_sidecar_audit_commit_seconds count and sum. A batch
+    is one write of the buffered audit lines, with an fsync in a worker thread when a record is waited
+    for (the seconds include that thread hop); reads' records only (no waiter) are written inline."""
+    if t.admin is None:
+        return None
+    try:
+        st, _, body = http("GET", f"http://127.0.0.1:{t.admin}/metrics", timeout=5)
+    except OSError:
+        return None
+    if st != 200:
+        return None
+    vals = {}
+    for line in body.decode(errors="replace").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("fhir_sidecar_audit_commit_seconds_count", "fhir_sidecar_audit_commit_seconds_sum"):
+            vals[name.rsplit("_", 1)[1]] = float(value)
+    return (vals["count"], vals["sum"]) if len(vals) == 2 else None
 
 
 def summarize(t: Target) -> dict:
@@ -459,6 +522,12 @@ def summarize(t: Target) -> dict:
         "p50_ms": med([r["latency_us"]["p50"] / 1000 for r in rs]),
         "p99_ms": med([r["latency_us"]["p99"] / 1000 for r in rs]),
         "cpu_s_per_req": med([r["cpu_s_per_req"] for r in rs if r["cpu_s_per_req"] is not None]),
+        "cpu_us_per_req_all": [round(r["cpu_s_per_req"] * 1e6) for r in rs if r["cpu_s_per_req"] is not None],
+        "p50_ms_all": [r["latency_us"]["p50"] / 1000 for r in rs],
+        "cpu_split_us_per_req": {k: med([r["cpu_split_us_per_req"][k] for r in rs if "cpu_split_us_per_req" in r])
+                                 for k in ("loop_user", "loop_sys", "other_user", "other_sys")},
+        "audit_batches_per_req": med([r["audit_batches_per_req"] for r in rs if "audit_batches_per_req" in r]),
+        "audit_batch_ms_mean": med([r["audit_batch_ms_mean"] for r in rs if r.get("audit_batch_ms_mean") is not None]),
         "requests": sum(r["requests"] for r in rs),
         "non_2xx_or_3xx": sum(r["errors"]["status"] for r in rs),
         "socket_errors": sum(r["errors"][k] for r in rs for k in ("connect", "read", "write", "timeout")),
@@ -467,7 +536,7 @@ def summarize(t: Target) -> dict:
 
 def print_table(conns: int, rows: list[dict]) -> None:
     by_label = {r["label"]: r for r in rows}
-    head = f"{'c=' + str(conns):<6}{'row':<44}{'req/s':>9}{'vs stock':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
+    head = f"{'c=' + str(conns):<6}{'row':<52}{'req/s':>9}{'vs stock':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -476,7 +545,7 @@ def print_table(conns: int, rows: list[dict]) -> None:
         cpu = f"{r['cpu_s_per_req'] * 1e6:.0f}" if r["cpu_s_per_req"] is not None else "-"
         flag = "" if not (r["non_2xx_or_3xx"] or r["socket_errors"]) else \
             f"  !! {r['non_2xx_or_3xx']} non-2xx, {r['socket_errors']} socket errors"
-        print(f"{'':<6}{r['label']:<44}{r['rps_median']:>9.0f}{ratio:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+        print(f"{'':<6}{r['label']:<52}{r['rps_median']:>9.0f}{ratio:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
               f"{cpu:>12}{flag}")
     print()
 
@@ -565,16 +634,188 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({loc.rstrip(')').rsplit(':', 1)[0]})"
 
 
+# -- audit cost (issue #4) and the micro-benchmarks --------------------------------------------------
+
+AUDIT_PAIRS = (("full enforcement", WRITES, WRITES_RAM), ("policy off", WRITES_OFF, WRITES_OFF_RAM))
+AUDIT_RATIO_TARGET = 0.90      # audited writes keep >= 0.9x the throughput without the (durable) audit
+AUDIT_P50_SLACK_MS = 0.2       # added p50 <= fsync p50 + 0.2 ms
+AUDIT_CONNECTIONS = 8
+
+
+class RamDir:
+    """Where the (b) rows keep their audit logs: a new directory in /dev/shm when that is a tmpfs or
+    ramfs, otherwise a tmpfs that we mount (as root) on <tmp>/ramfs and unmount afterwards."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.mounted: Path | None = None
+        shm = Path("/dev/shm")
+        if shm.is_dir() and os.access(shm, os.W_OK) and fsync_bench.fs_type(shm).get("fstype") in ("tmpfs", "ramfs"):
+            self.path = Path(tempfile.mkdtemp(prefix="fhir-sidecar-bench-audit-", dir=shm))
+            return
+        if os.geteuid() != 0:
+            raise BenchError("--audit-cost needs a RAM filesystem: /dev/shm is not a writable tmpfs, and mounting "
+                             "a tmpfs needs root")
+        self.path = tmp / "ramfs"
+        self.path.mkdir(mode=0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "fhir-sidecar-bench", str(self.path)],
+                       check=True)
+        self.mounted = self.path
+        log(f"mounted a tmpfs on {self.path}")
+
+    def cleanup(self, keep_into: Path | None) -> None:
+        if keep_into is not None:  # --keep-tmp: copy the RAM audit logs next to the rest
+            shutil.copytree(self.path, keep_into / "ram-audit-copy", dirs_exist_ok=True)
+        if self.mounted is not None:
+            r = subprocess.run(["umount", str(self.mounted)], capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                log(f"WARNING: umount {self.mounted} failed: {r.stderr.strip()}")
+            else:
+                log(f"unmounted {self.mounted}")
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def run_fsync(dirs: dict[str, Path], iterations: int, when: str) -> dict:
+    out = {}
+    for name, d in dirs.items():
+        r = fsync_bench.fsync_bench(d, iterations)
+        log(f"fsync {when}, {name} {fsync_bench.describe(r['fs'])}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+            f"CPU {r['cpu_us_per_fsync']:.0f} µs each")
+        out[name] = r
+    return out
+
+
+def pool_fsync(runs: list[dict]) -> dict:
+    """Per filesystem: the before/after runs' summaries and the pooled p50/p99 the criteria use."""
+    pooled = {}
+    for name in runs[0]:
+        samples = [x for r in runs for x in r[name]["samples_ns"]]
+        pooled[name] = dict(fsync_bench.summarize(samples), dir=runs[0][name]["dir"], fs=runs[0][name]["fs"],
+                            bytes=runs[0][name]["bytes"],
+                            cpu_us_per_fsync=statistics.fmean(r[name]["cpu_us_per_fsync"] for r in runs),
+                            runs=[{k: v for k, v in r[name].items() if k not in ("samples_ns", "fs", "dir")}
+                                  for r in runs])
+    return pooled
+
+
+def audit_cost(run: dict, fsync: dict) -> dict:
+    """(a) audit on the temp dir's disk vs (b) the same writes with the audit log on a RAM fs, per pair."""
+    by = {r["label"]: r for r in run["rows"]}
+    disk_p50 = fsync["disk"]["p50_ms"]
+    pairs = []
+    for name, la, lb in AUDIT_PAIRS:
+        a, b = by[la], by[lb]
+        ratio = a["rps_median"] / b["rps_median"] if b["rps_median"] else float("nan")
+        added = a["p50_ms"] - b["p50_ms"]
+        cpu_a, cpu_b = a["cpu_s_per_req"], b["cpu_s_per_req"]
+        pairs.append({
+            "pair": name, "a": la, "b": lb, "connections": run["connections"],
+            "rps_a": a["rps_median"], "rps_b": b["rps_median"], "ratio": ratio,
+            "ratio_per_round": [round(x / y, 3) for x, y in zip(a["rps_all"], b["rps_all"]) if y],
+            "p50_a_ms": a["p50_ms"], "p50_b_ms": b["p50_ms"], "added_p50_ms": added,
+            "added_p50_per_round_ms": [round(x - y, 3) for x, y in zip(a["p50_ms_all"], b["p50_ms_all"])],
+            "cpu_us_a": cpu_a * 1e6 if cpu_a else None, "cpu_us_b": cpu_b * 1e6 if cpu_b else None,
+            "cpu_ratio": (cpu_b / cpu_a) if cpu_a and cpu_b else None,
+            "cpu_split_us_a": a.get("cpu_split_us_per_req"), "cpu_split_us_b": b.get("cpu_split_us_per_req"),
+            "batches_per_req_a": a.get("audit_batches_per_req"), "batches_per_req_b": b.get("audit_batches_per_req"),
+            "batch_ms_a": a.get("audit_batch_ms_mean"), "batch_ms_b": b.get("audit_batch_ms_mean"),
+            "refusals": bool(a["non_2xx_or_3xx"] or b["non_2xx_or_3xx"] or a["socket_errors"] or b["socket_errors"]),
+            "throughput_pass": ratio >= AUDIT_RATIO_TARGET,
+            "p50_pass": added <= disk_p50 + AUDIT_P50_SLACK_MS,
+        })
+    return {"connections": run["connections"], "fsync_disk_p50_ms": disk_p50,
+            "p50_limit_ms": disk_p50 + AUDIT_P50_SLACK_MS, "pairs": pairs}
+
+
+def print_audit_cost(ac: dict, fsync: dict, primary: bool, unloaded: dict | None = None) -> None:
+    """The table for one connection count; for c=8 (`primary`) also the PASS/MISS lines, with the
+    c=1 added p50 (`unloaded`, when measured) beside the latency one."""
+    c = ac["connections"]
+    d, r = fsync["disk"], fsync["ram"]
+    print(f"audit cost at c={c}: (a) audit log on {fsync_bench.describe(d['fs'])} vs (b) the same writes with the "
+          f"audit log on {fsync_bench.describe(r['fs'])}")
+    head = (f"{'pair':<18}{'req/s a':>9}{'req/s b':>9}{'a/b':>7}{'  a/b per round':<20}{'p50 a':>8}{'p50 b':>8}"
+            f"{'added':>8}{'CPU µs a':>10}{'CPU µs b':>10}{'batch/req a':>13}{'batch ms a':>12}{'batch ms b':>12}")
+    print(head)
+    print("-" * len(head))
+    for p in ac["pairs"]:
+        rounds = "  " + " ".join(f"{x:.2f}" for x in p["ratio_per_round"])
+        f = lambda x, fmt: format(x, fmt) if x is not None else "-"  # noqa: E731
+        print(f"{p['pair']:<18}{p['rps_a']:>9.0f}{p['rps_b']:>9.0f}{p['ratio']:>6.2f}x{rounds:<20}"
+              f"{p['p50_a_ms']:>8.2f}{p['p50_b_ms']:>8.2f}{p['added_p50_ms']:>+8.2f}{f(p['cpu_us_a'], '.0f'):>10}"
+              f"{f(p['cpu_us_b'], '.0f'):>10}{f(p['batches_per_req_a'], '.2f'):>13}{f(p['batch_ms_a'], '.3f'):>12}"
+              f"{f(p['batch_ms_b'], '.3f'):>12}"
+              + ("  !! refusals" if p["refusals"] else ""))
+    split = []
+    for p in ac["pairs"]:
+        sa, sb = p["cpu_split_us_a"] or {}, p["cpu_split_us_b"] or {}
+        if sa and sb and None not in sa.values() and None not in sb.values():
+            split.append(f"{p['pair']}: " + ", ".join(
+                f"{k.replace('_', ' ')} {sa[k]:.0f}/{sb[k]:.0f}" for k in ("loop_user", "loop_sys", "other_user",
+                                                                          "other_sys")))
+    if split:
+        print("CPU µs/req a/b by thread (loop = the event-loop thread, other = worker threads, incl. the audit "
+              "fsync): " + "; ".join(split))
+    print(f"fsync micro-benchmark (write {d['bytes']} B + os.fsync, {d['n']} samples, before and after the rows): "
+          f"{d['fs'].get('fstype')} p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, CPU {d['cpu_us_per_fsync']:.0f} "
+          f"µs each; {r['fs'].get('fstype')} p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms")
+    print("(p50/added in ms, wrk's, median of the rounds; CPU µs = the proxy's CPU per request; batch/req = audit "
+          "write batches per request (fsync'd or not); batch ms = their mean duration, worker-thread hop and fsync "
+          "included)")
+    if not primary:
+        print()
+        return
+    full, off = ac["pairs"]
+    verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
+    note = "  (!! non-2xx answers under load: not a valid measurement)" if full["refusals"] or off["refusals"] else ""
+    print(f"{verdict(full['throughput_pass'])}: audited writes at c={c} keep {full['ratio']:.2f}x the throughput of the "
+          f"same writes with the audit log on a RAM fs (target >= {AUDIT_RATIO_TARGET:.2f}x, full enforcement; "
+          f"policy-off pair {off['ratio']:.2f}x, {verdict(off['throughput_pass'])}; by CPU µs/req "
+          f"{full['cpu_ratio']:.2f}x and {off['cpu_ratio']:.2f}x) [issue #4]{note}")
+    print(f"{verdict(full['p50_pass'])}: added p50 at c={c} {full['added_p50_ms']:+.2f} ms (p50 {full['p50_a_ms']:.2f} "
+          f"- {full['p50_b_ms']:.2f} ms) vs fsync p50 {ac['fsync_disk_p50_ms']:.3f} + {AUDIT_P50_SLACK_MS} = "
+          f"{ac['p50_limit_ms']:.3f} ms on {d['fs'].get('fstype')} (full enforcement; policy-off pair "
+          f"{off['added_p50_ms']:+.2f} ms, {verdict(off['p50_pass'])}) [issue #4]{note}")
+    if unloaded is not None:
+        u = unloaded["pairs"][0]
+        print(f"      at c=1 (no queueing) the added p50 is {u['added_p50_ms']:+.2f} ms ({verdict(u['p50_pass'])} "
+              f"against the same limit; policy-off pair {unloaded['pairs'][1]['added_p50_ms']:+.2f} ms); at c=8 the "
+              f"proxy is saturated, so p50 is about c / throughput and the added p50 mostly the throughput loss")
+    print()
+
+
+def run_policy_latency(args: argparse.Namespace) -> dict:
+    """bench/policy_latency.py in the venv's Python (it needs regopy), in its own pinned process."""
+    argv = [venv_bin("python"), str(BENCH / "policy_latency.py"), "--rounds", str(args.policy_rounds),
+            "--warmup", str(max(20, args.policy_rounds // 10))]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=3600, cwd=str(REPO), check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("POLICY_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise BenchError(f"policy_latency.py failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    print("\n".join(ln for ln in out.stdout.splitlines() if not ln.startswith("POLICY_JSON ")))
+    print(flush=True)
+    return json.loads(line.split(" ", 1)[1])
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--connections", default="8", help="comma-separated wrk connection counts (default 8)")
+    p.add_argument("--connections", help="comma-separated wrk connection counts (default 8; with --all 1,8)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2; capped at connections)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (default 3)")
     p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
     p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load per row first (default 2)")
-    p.add_argument("--quick", action="store_true", help="3 s rounds, 1 s warm-up")
+    p.add_argument("--quick", action="store_true", help="3 s rounds, 1 s warm-up, 500 policy rounds")
+    p.add_argument("--all", action="store_true",
+                   help="every measurement: --audit-cost --policy-latency, at c=1 and c=8 unless --connections")
+    p.add_argument("--audit-cost", action="store_true",
+                   help="issue #4: both write rows again with the audit log on a RAM fs, the fsync "
+                        "micro-benchmark, and the PASS/MISS lines (c=8 is added to --connections)")
+    p.add_argument("--policy-latency", action="store_true",
+                   help="issue #3: embedded policy decision p50/p99 (bench/policy_latency.py, no network)")
+    p.add_argument("--policy-rounds", type=int, default=2000, help="rounds of the policy micro-benchmark")
+    p.add_argument("--fsync-iterations", type=int, default=2000, help="write+fsync per fsync run (default 2000)")
     p.add_argument("--tmpdir", help="where the temp dir (audit log, nginx prefix) goes (default: $TMPDIR or /tmp)")
     p.add_argument("--log-level", default="info", help="the sidecar's --log-level (default info, as deployed)")
     p.add_argument("--breaker-threshold", type=int,
@@ -588,14 +829,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (process logs, configs, audit file)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     a = p.parse_args(argv)
+    if a.all:
+        a.audit_cost = a.policy_latency = True
     if a.quick:
         a.duration, a.warmup = 3, 1
+        if a.policy_rounds == 2000:
+            a.policy_rounds = 500
+    if a.connections is None:
+        a.connections = "1,8" if a.all else "8"
     try:
         a.connections = [int(c) for c in str(a.connections).split(",") if c.strip()]
     except ValueError:
         p.error("--connections takes numbers, e.g. 1,8,32")
+    if a.audit_cost and AUDIT_CONNECTIONS not in a.connections:
+        a.connections.append(AUDIT_CONNECTIONS)
     if not a.connections or min(a.connections) < 1 or a.rounds < 1 or a.duration <= 0:
         p.error("connections, rounds and duration must be positive")
+    if a.policy_rounds < 1 or a.fsync_iterations < 1:
+        p.error("--policy-rounds and --fsync-iterations must be positive")
     return a
 
 
@@ -611,8 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools(not args.no_install)
     tmp = Path(tempfile.mkdtemp(prefix="fhir-sidecar-bench-", dir=args.tmpdir)).resolve()
     procs = Processes()
+    cleanups: list = []  # run after every process has stopped (the RAM fs: remove or unmount)
     try:
-        return _run(args, tmp, procs)
+        return _run(args, tmp, procs, cleanups)
     except BenchError as e:
         log(f"ERROR: {e}")
         return 1
@@ -621,25 +873,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
+        for fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 -- keep going: the temp dir must still be removed
+                log(f"WARNING: cleanup failed: {e}")
         if args.keep_tmp:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+def _run(args: argparse.Namespace, tmp: Path, procs: Processes, cleanups: list) -> int:
     machine = machine_info(tmp)
     versions = {"nginx": tool_version([find_exe("nginx") or "nginx", "-v"]),
                 "wrk": tool_version([find_exe("wrk") or "wrk", "--version"]),
                 "mitmdump": tool_version([venv_bin("mitmdump"), "--version"]), "sidecar": git_revision()}
     api_key = "bench-" + secrets.token_urlsafe(24)
-    targets = start_targets(args, tmp, procs, api_key)
-    for t in targets:
-        sanity_check(t, api_key)
+    settings = ("connections", "threads", "rounds", "duration", "warmup", "log_level", "no_reference",
+                "breaker_threshold", "audit_cost", "policy_latency", "policy_rounds", "fsync_iterations")
+    results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+                     "versions": versions, "settings": {k: getattr(args, k) for k in settings}}
 
     print()
     print(f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}; temp dir {machine['tmp_dir']} "
-          f"on {machine['tmp_fs']}; kernel {machine['kernel']}; load average before start {machine['loadavg']}")
+          f"on {fsync_bench.describe(machine['tmp_fs_info'])}; kernel {machine['kernel']}; "
+          f"load average before start {machine['loadavg']}")
     print(f"tools: {versions['nginx']}; {versions['wrk'].split(' [')[0]}; mitmdump {versions['mitmdump']}; "
           f"sidecar at {versions['sidecar']}")
     print(f"load: wrk keep-alive, {args.threads} threads, {args.rounds} alternating rounds x {args.duration:g} s "
@@ -647,14 +906,40 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
           + (f", sidecar breaker.threshold {args.breaker_threshold}" if args.breaker_threshold else ""))
     print(flush=True)
 
-    settings = ("connections", "threads", "rounds", "duration", "warmup", "log_level", "no_reference",
-                "breaker_threshold")
-    results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-                     "versions": versions, "settings": {k: getattr(args, k) for k in settings},
-                     "runs": [measure(args, targets, api_key, conns) for conns in args.connections]}
+    ram: RamDir | None = None
+    fsync_runs: list[dict] = []
+    if args.audit_cost:
+        ram = RamDir(tmp)
+        cleanups.append(lambda: ram.cleanup(tmp if args.keep_tmp else None))
+        fsync_runs.append(run_fsync({"disk": tmp, "ram": ram.path}, args.fsync_iterations, "before"))
+    if args.policy_latency:  # before any proxy starts: the micro-benchmark has the machine to itself
+        results["policy_latency"] = run_policy_latency(args)
+
+    targets = start_targets(args, tmp, procs, api_key, ram.path if ram else None)
+    for t in targets:
+        sanity_check(t, api_key)
+    print(flush=True)
+
+    results["runs"] = [measure(args, targets, api_key, conns) for conns in args.connections]
     ratios = ", ".join(f"{r['ratio_vs_stock']:.2f}x at c={run['connections']}" for run in results["runs"]
                        for r in run["rows"] if r["label"] == READS)
     print(f"target (reported, not asserted): sidecar reads >= 1.30x stock mitmdump; measured {ratios}")
+    print()
+    if args.audit_cost:
+        fsync_runs.append(run_fsync({"disk": tmp, "ram": ram.path}, args.fsync_iterations, "after"))
+        fsync = pool_fsync(fsync_runs)
+        results["fsync"] = fsync
+        results["audit_cost"] = [audit_cost(run, fsync) for run in
+                                 sorted(results["runs"], key=lambda r: r["connections"] != AUDIT_CONNECTIONS)]
+        unloaded = next((ac for ac in results["audit_cost"] if ac["connections"] == 1), None)
+        for ac in results["audit_cost"]:
+            print_audit_cost(ac, fsync, ac["connections"] == AUDIT_CONNECTIONS, unloaded)
+    if args.policy_latency:
+        pl = results["policy_latency"]
+        o = pl["overall"]
+        print(f"{'PASS' if pl['pass'] else 'MISS'}: embedded policy decision p99 {o['p99_ms']:.3f} ms "
+              f"(p50 {o['p50_ms']:.3f} ms) vs target <= {pl['target_p99_ms']} ms [issue #3] (table above)")
+        print()
     audit = tmp / "sidecar" / "audit.jsonl"
     results["audit_bytes"] = audit.stat().st_size if audit.exists() else None
     results["loadavg_end"] = _loadavg()
@@ -672,18 +957,24 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
     return 0
 
 
-READS, WRITES = "sidecar reads (GET)", "sidecar writes (POST, full enforcement)"
-
-
-def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key: str) -> list[Target]:
+def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key: str,
+                  ram: Path | None = None) -> list[Target]:
     """nginx, then every proxy in front of it; the rows in the order they are measured and printed."""
     audit_key = secrets.token_urlsafe(48)  # 64 chars
     nginx_port = start_nginx(procs, tmp)
     mitm_port, mitm = start_mitmdump(procs, tmp, nginx_port)
     lean = None if args.no_reference else start_lean(procs, tmp, nginx_port)
     policy_dir = make_policy_dir(tmp)
-    sc_port, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args)
-    off_port, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key, args)
+    sc_port, sc_admin, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args)
+    off_port, off_admin, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key,
+                                             args)
+    ram_rows: dict[str, Target] = {}
+    if ram is not None:  # --audit-cost: the same two sidecars with their audit log on a RAM filesystem
+        for label, name, pdir in ((WRITES_RAM, "sidecar-ram-audit", policy_dir),
+                                  (WRITES_OFF_RAM, "sidecar-policy-off-ram-audit", None)):
+            port, admin, p = start_sidecar(procs, tmp, name, nginx_port, api_key, pdir, audit_key, args,
+                                           audit_dir=ram)
+            ram_rows[label] = Target(label, name, "POST", port, p.pid, "stock mitmdump passthrough (POST)", admin)
     targets = []
     for method in ("GET", "POST"):
         stock = f"stock mitmdump passthrough ({method})"
@@ -692,11 +983,14 @@ def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key
             targets.append(Target(f"ref: lean mitmproxy, no addon ({method})", "lean-mitmproxy", method, lean[0],
                                   lean[1].pid, stock))
         if method == "GET":
-            targets.append(Target(READS, "sidecar", "GET", sc_port, sc.pid, stock))
-        else:
-            targets.append(Target(WRITES, "sidecar", "POST", sc_port, sc.pid, stock))
-            targets.append(Target("sidecar writes (POST, policy off)", "sidecar-policy-off", "POST", off_port,
-                                  off.pid, stock))
+            targets.append(Target(READS, "sidecar", "GET", sc_port, sc.pid, stock, sc_admin))
+        else:  # each (b) row right after its (a) row: measured back to back in every round
+            targets.append(Target(WRITES, "sidecar", "POST", sc_port, sc.pid, stock, sc_admin))
+            if WRITES_RAM in ram_rows:
+                targets.append(ram_rows[WRITES_RAM])
+            targets.append(Target(WRITES_OFF, "sidecar-policy-off", "POST", off_port, off.pid, stock, off_admin))
+            if WRITES_OFF_RAM in ram_rows:
+                targets.append(ram_rows[WRITES_OFF_RAM])
     return targets
 
 
