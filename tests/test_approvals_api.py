@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sidecar.admin import AdminServer
+
 from sidecar.approvals import Approvals, build_approvals
 from sidecar.approvals.cli import add_parser, cmd_approvals
 from sidecar.approvals.service import Hooks, Release
@@ -24,7 +26,6 @@ from sidecar.state import SqliteStore
 from tests.test_approvals_support import (
     PASSWORDS,
     SECRET,
-    admin_server_class,
     make_cfg,
     med_hold,
     obs_update_hold,
@@ -59,7 +60,7 @@ async def start_env(tmp_path: Path, **cfg_over: Any) -> tuple[Env, Any, SqliteSt
         got = await approvals.admin(method, target, headers, body)
         return got if got is not None else (404, {"error": "not found"})
 
-    srv = (await admin_server_class())("127.0.0.1", 0, handler)
+    srv = AdminServer("127.0.0.1", 0, handler)
     await srv.start()
     return Env(approvals, srv.port, audit, released), srv, store
 
@@ -296,3 +297,20 @@ async def test_web_csrf_origin_roles_and_escaping(env: Env) -> None:
         assert "Approved and released" in r.text and LOCATION in r.text
         assert (await b.get("/review/items/" + "Z" * 22)).status_code == 404
         assert (await b.get("/review/?status=released")).text.count("data-href") == 1
+
+
+async def test_admin_server_passes_extra_response_headers() -> None:
+    """The reviewer page sets cookies: a (body, type, headers) payload reaches the wire as is."""
+    import httpx
+
+    async def probe(method, target, headers, body):
+        return 200, (b"ok", "text/plain", (("X-Probe", "1"), ("Cache-Control", "private")))
+
+    srv = AdminServer("127.0.0.1", 0, probe)
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as c:
+            r = await c.get(f"http://127.0.0.1:{srv.port}/probe")
+    finally:
+        await srv.stop()
+    assert r.headers["x-probe"] == "1" and r.headers["cache-control"] == "private"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import h11
 
-from sidecar.admin import AdminServer
 from sidecar.approvals.config import ApprovalsConfig
 from sidecar.approvals.passwords import hash_password
 from sidecar.approvals.service import ApprovalService, HoldRequest, ReviewerIdentity
@@ -98,65 +96,3 @@ def make_service(store: Any, cfg: ApprovalsConfig | None = None, clock: Clock | 
     return ApprovalService.from_secret(store, cfg or make_cfg(), SECRET, clock=clock or Clock(), **kw)
 
 
-class HeaderAdminServer(AdminServer):
-    """AdminServer with the proposed change to sidecar/admin.py: a payload may be a 3-tuple
-    `(body, content type, extra headers)`; `cache-control: no-store` unless the handler set one.
-    Used only while the real AdminServer lacks it (`admin_server_class()` probes)."""
-
-    async def _serve(self, reader: Any, writer: Any) -> None:  # pragma: no cover - mirrors admin.py
-        import asyncio
-
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
-        try:
-            while True:
-                req, body = await self._read_request(conn, reader)
-                if req is None:
-                    break
-                headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
-                target = req.target.decode("ascii", "replace")
-                try:
-                    status, payload = await self._handler(req.method.decode(), target, headers, body)
-                except Exception:
-                    status, payload = 500, {"error": "internal error"}
-                extra: list[tuple[str, str]] = []
-                if isinstance(payload, tuple):
-                    data, ctype, *rest = payload
-                    extra = list(rest[0]) if rest else []
-                elif isinstance(payload, bytes):
-                    data, ctype = payload, "text/plain; version=0.0.4"
-                else:
-                    data, ctype = json.dumps(payload).encode(), "application/json"
-                hdrs = [("content-type", ctype), ("content-length", str(len(data))), *extra]
-                if not any(k.lower() == "cache-control" for k, _ in extra):
-                    hdrs.append(("cache-control", "no-store"))
-                writer.write(conn.send(h11.Response(status_code=status, headers=hdrs)))
-                writer.write(conn.send(h11.Data(data=data)))
-                writer.write(conn.send(h11.EndOfMessage()))
-                await writer.drain()
-                if conn.our_state is h11.MUST_CLOSE:
-                    break
-                conn.start_next_cycle()
-        except (h11.RemoteProtocolError, ConnectionError, asyncio.IncompleteReadError, ValueError):
-            pass
-        finally:
-            writer.close()
-
-
-async def admin_server_class() -> type[AdminServer]:
-    """The real AdminServer once it passes response headers through; the patched one before."""
-    import httpx
-
-    async def probe(method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
-        return 200, (b"ok", "text/plain", (("X-Probe", "1"),))
-
-    srv = AdminServer("127.0.0.1", 0, probe)
-    await srv.start()
-    try:
-        async with httpx.AsyncClient(trust_env=False, timeout=5) as c:
-            r = await c.get(f"http://127.0.0.1:{srv.port}/probe")
-            ok = r.headers.get("x-probe") == "1"
-    except httpx.HTTPError:
-        ok = False
-    finally:
-        await srv.stop()
-    return AdminServer if ok else HeaderAdminServer
