@@ -331,23 +331,16 @@ class Pipeline:
     async def _policy(self, req: FhirRequest, cls: Classification, who: Principal, prior: Prior | None, *,
                       raw: RawRequest | None = None, release: Any = None) -> None:
         from sidecar.policy.input import build_input  # the policy package is optional at import
+        from sidecar.policy.verdict import verdict
 
         policy = self.rt.policy
         assert policy is not None
         approvals = list(release.approvals) if release is not None else []
         doc = build_input(req, cls, who, shadow=self.rt.cfg.policy.shadow, approvals=approvals,
                           current=prior.current if prior else None, result=prior.result if prior else None)
-        try:
-            decision = await policy.decide(doc)
-        except Exception:
-            raise unavailable("policy engine unavailable") from None
-        allow = decision.get("allow")
-        reasons = decision.get("reasons") or []
-        if not isinstance(allow, bool) or not isinstance(reasons, list):
-            raise unavailable("policy decision undefined")
+        allow, text, decision = await verdict(policy, doc)
         if allow:
             return
-        text = "; ".join(str(r) for r in reasons[:5])[:500] or "denied by policy"
         if who.enforce and not self.rt.cfg.policy.shadow:
             if decision.get("review") is True and raw is not None and release is None:
                 await self._hold(raw, req, cls, who, prior, decision)  # raises: 202 or 403 naming the hold

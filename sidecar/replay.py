@@ -36,11 +36,12 @@ from sidecar import guards
 from sidecar.classify import classify
 from sidecar.config import Config
 from sidecar.context_guard import check_context
-from sidecar.errors import Refusal, unavailable
+from sidecar.errors import Refusal
 from sidecar.identity import ANONYMOUS, Principal, principal_for
 from sidecar.parse import parse_request
 from sidecar.pipeline import PRIOR_STATE, PolicyEngine
 from sidecar.policy.input import build_input
+from sidecar.policy.verdict import verdict
 from sidecar.prior import Prior, apply_json_patch, check_if_match
 from sidecar.recording import RecordedRequest, read_recording
 from sidecar.scopes import ScopeSet
@@ -173,17 +174,9 @@ async def _policy(cfg: Config, policy: PolicyEngine, rec: RecordedRequest, req: 
     """The pipeline's `_policy`, with the recorded time and `current`; a review is not held."""
     doc = build_input(req, cls, who, shadow=cfg.policy.shadow, approvals=[], now=rec.time,
                       current=prior.current if prior else None, result=prior.result if prior else None)
-    try:
-        decision = await policy.decide(doc)
-    except Exception:
-        raise unavailable("policy engine unavailable") from None
-    allow = decision.get("allow")
-    reasons = decision.get("reasons") or []
-    if not isinstance(allow, bool) or not isinstance(reasons, list):
-        raise unavailable("policy decision undefined")
+    allow, text, decision = await verdict(policy, doc)
     if allow:
         return
-    text = "; ".join(str(r) for r in reasons[:5])[:500] or "denied by policy"
     if who.enforce and not cfg.policy.shadow:
         if decision.get("review") is True:
             raise Refusal(403, f"held for review: {text}", decision="review")
