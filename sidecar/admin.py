@@ -21,13 +21,20 @@ MAX_BODY = 64 * 1024
 
 
 class AdminServer:
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
+    def __init__(self, host: str, port: int, handler: Handler, *, sock_fd: int | None = None) -> None:
         self.host, self.port = host, port
         self._handler = handler
+        self._sock_fd = sock_fd  # a listening socket inherited from the supervisor (--workers)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        if self._sock_fd is not None:
+            import socket
+
+            sock = socket.socket(fileno=self._sock_fd)
+            self._server = await asyncio.start_server(self._serve, sock=sock)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -230,31 +230,58 @@ class AlertEngine:
         self._repeat = config.repeat_s if config.repeat_s is not None else config.window_s
         self._windows: dict[tuple[str, str | None], _Window] = {}
         self._last: dict[tuple[str, str | None], float] = {}
+        self._shared: Any = None  # SharedAlertWindows once shared
         self.suppressed = 0
 
     def observe(self, e: AlertEvent) -> list[Alert]:
+        """The alerts this event raises now. Shared (see `share`): [] now, and the alerts are
+        decided on the shared windows in the background and handed to the emitter."""
+        actions = self._actions(e)
+        if not actions:
+            return []
+        if self._shared is not None:
+            self._shared.submit(e, actions)
+            return []
+        out: list[Alert] = []
+        for kind, client, limit in actions:
+            if limit is None:
+                self._fire(kind, client, e, None, out)
+            else:
+                self._count(kind, client, e, limit, out)
+        return out
+
+    def share(self, store: Any, emit: Callable[[Alert], Awaitable[None]]) -> Any:
+        """Count windows and suppress repeats in the state store, so N workers raise the
+        alerts one process would (`run --workers N`). The caller runs and stops the task."""
+        from sidecar.alert_windows import SharedAlertWindows
+
+        self._shared = SharedAlertWindows(self, store, emit)
+        return self._shared
+
+    def _actions(self, e: AlertEvent) -> list[tuple[str, str | None, int | None]]:
+        """(kind, client, window limit or None for a one-off) for every rule this event feeds."""
         cfg = self._cfg
         if not cfg.enabled:
             return []
         client = e.client_id if self._known is None or e.client_id in self._known else None
         per = cfg.clients.get(client) if client is not None else None
-        out: list[Alert] = []
+        out: list[tuple[str, str | None, int | None]] = []
         if e.is_write:
             limit = per.max_writes if per is not None and per.max_writes is not None else cfg.max_writes
             if limit is not None and e.decision == "allow":
-                self._count("write_volume", client, e, limit, out)
+                out.append(("write_volume", client, limit))
             hours = per.hours if per is not None and per.hours is not None else cfg.hours
             if hours is not None and not self._inside(hours, e.ts):
-                self._fire("off_hours", client, e, None, out)
+                out.append(("off_hours", client, None))
             if per is not None and per.sources is not None:
                 addr = _address(e.source_ip)
                 if addr is None or not any(addr in net for net in per.sources):
-                    self._fire("unexpected_source", client, e, None, out)
+                    out.append(("unexpected_source", client, None))
         if e.decision == "deny" and cfg.max_denials is not None:
-            self._count("denial_burst", client, e, cfg.max_denials, out)
+            out.append(("denial_burst", client, cfg.max_denials))
         failed = e.upstream_failed or (e.upstream_status is not None and e.upstream_status >= 500)
         if failed and cfg.max_upstream_failures is not None:
-            self._count("upstream_failures", client, e, cfg.max_upstream_failures, out)
+            out.append(("upstream_failures", client, cfg.max_upstream_failures))
         return out
 
     def _inside(self, spec: str, ts: float) -> bool:
@@ -278,8 +305,11 @@ class AlertEngine:
             self.suppressed += 1
             return
         self._last[(kind, client)] = e.ts
-        out.append(Alert(kind, client, DETAILS[kind], e.ts, e.correlation_id, count,
-                         self._cfg.window_s if count is not None else None))
+        out.append(self._alert(kind, client, e, count))
+
+    def _alert(self, kind: str, client: str | None, e: AlertEvent, count: int | None) -> Alert:
+        return Alert(kind, client, DETAILS[kind], e.ts, e.correlation_id, count,
+                     self._cfg.window_s if count is not None else None)
 
 
 # ------------------------------------------------------------------ webhook

@@ -23,9 +23,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sidecar.proxy import Sidecar
 
     configure_logging(args.log_level)
-    if args.workers != 1:
-        raise ConfigError("--workers N > 1 is not available in this build")
     cfg, path = _load(args)
+    if args.worker is not None:  # started by the supervisor of `--workers N`
+        from sidecar.workers import WorkerSlot, die_with_supervisor
+
+        die_with_supervisor()
+        slot = WorkerSlot.parse(args.worker, args.admin_fd)
+        return asyncio.run(Sidecar(cfg, path, base_dir=path.parent.resolve(), worker=slot,
+                                   worker_listen_port=args.listen_port).run())
+    if args.workers != 1:
+        from sidecar.workers import Supervisor
+
+        return asyncio.run(Supervisor(cfg, path, args.workers, log_level=args.log_level).run())
     return asyncio.run(Sidecar(cfg, path, base_dir=path.parent.resolve()).run())
 
 
@@ -67,13 +76,13 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from sidecar.audit.files import chain_files
+    from sidecar.audit.files import all_chain_files
     from sidecar.audit.verify import verify_files
     from sidecar.runtime import resolve_secrets
 
     cfg, path = _load(args)
     secrets = resolve_secrets(cfg, path.parent.resolve())["audit"]
-    files = args.files or chain_files(_audit_path(cfg, path))
+    files = args.files or all_chain_files(_audit_path(cfg, path))
     if not files:
         raise ConfigError(f"no audit files at {_audit_path(cfg, path)}")
     result = verify_files(files, secrets, args.checkpoints)
@@ -110,13 +119,13 @@ def _audit_path(cfg, path: Path) -> str:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from sidecar.audit.files import chain_files
+    from sidecar.audit.files import all_chain_files
     from sidecar.audit.show import format_record, show_records
 
     files = args.files
     if not files:
         cfg, path = _load(args)
-        files = chain_files(_audit_path(cfg, path))
+        files = all_chain_files(_audit_path(cfg, path))
     for r in show_records(files, correlation_id=args.correlation_id, client_id=args.client, kind=args.kind,
                           decision=args.decision, since=args.since, until=args.until):
         print(json.dumps(r) if args.json else format_record(r))
@@ -201,8 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the proxy and admin listener until SIGTERM")
     r.add_argument("--config")
-    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--workers", type=int, default=1,
+                   help="proxy processes sharing the listening port (SO_REUSEPORT), under one supervisor")
     r.add_argument("--log-level", default="info")
+    # internal: how the supervisor starts a worker
+    r.add_argument("--worker", help=argparse.SUPPRESS)
+    r.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
+    r.add_argument("--admin-fd", type=int, help=argparse.SUPPRESS)
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo", help="sandbox EHR + sidecar + example policy on loopback")

@@ -122,6 +122,11 @@ class KillSwitch:
                     self._on_change(old, new)
         return self._state
 
+    def refresh(self) -> KillState:
+        """Read the flag file now (after this process wrote it: the answer must say what is)."""
+        self._checked = float("-inf")
+        return self.state
+
     def check(self, client_id: str | None, is_write: bool) -> Refusal | None:
         st = self.state
         shared = self.shared is not None and self.shared.engaged(client_id)

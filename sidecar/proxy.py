@@ -73,8 +73,11 @@ def apply_options(opts: options.Options, cfg: Config, tls_pem: str | None = None
 
 class Sidecar:
     def __init__(self, cfg: Config, config_file: Path | None, *, base_dir: Path,
-                 install_signals: bool = True, fsync: Any = None) -> None:
-        self.cfg = cfg
+                 install_signals: bool = True, fsync: Any = None, worker: Any = None,
+                 worker_listen_port: int | None = None) -> None:
+        self.worker = worker  # a WorkerSlot when started by `run --workers N`'s supervisor
+        self._worker_port = worker_listen_port
+        self.cfg = self._adapt(cfg)
         self._install_signals = install_signals
         self._fsync = fsync  # injectable so tests can block or fail the audit's fsync
         self.config_file = config_file
@@ -86,7 +89,19 @@ class Sidecar:
         self.admin_token: str | None = None
         self.ready = False
 
+    def _adapt(self, cfg: Config) -> Config:
+        """A worker runs the config with its own audit chain/file and the supervisor's port."""
+        if self.worker is None:
+            return cfg
+        from sidecar.workers import for_worker
+
+        return for_worker(cfg, self.worker, self._worker_port if self._worker_port is not None else cfg.listen.port)
+
     async def run(self) -> int:
+        if self.worker is not None:
+            from sidecar.workers import enable_reuse_port
+
+            enable_reuse_port()
         rt = await build_runtime(self.cfg, self.base_dir, fsync=self._fsync)
         self.pipeline = Pipeline(rt)
         if self.cfg.admin.token:
@@ -112,7 +127,8 @@ class Sidecar:
             errorcheck.ErrorCheck(), self.addon,
         )
         apply_options(self.master.options, self.cfg, self._listener_pem())
-        self.admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self._admin)
+        self.admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self._admin,
+                                 sock_fd=self.worker.admin_fd if self.worker is not None else None)
         await self.admin.start()
         if self._install_signals:
             loop = asyncio.get_running_loop()
@@ -128,15 +144,19 @@ class Sidecar:
         hooks = rt.svc.approvals.hooks
         hooks.audit = lambda f: self._current().rt.audit.append(f, durable=True)
         hooks.release = self._release
-        start_sweeper(rt.svc, self._on_review_alert)
+        if self.worker is None or self.worker.index == 0:  # one sweeper per store, not one per worker
+            start_sweeper(rt.svc, self._on_review_alert)
+        if self.worker is not None:  # alert windows across workers: in the state store
+            shared = rt.svc.alerts.share(rt.svc.store, self._on_review_alert)
+            rt.svc._tasks.append(asyncio.create_task(shared.run(), name="shared-alert-windows"))
         poll = asyncio.create_task(self._poll_killswitch())
         await rt.audit.append({"kind": "admin", "decision": "admin", "reasons": ["config loaded"],
                                "policy_revision": rt.policy.revision if rt.policy else None}, durable=True)
         run = asyncio.create_task(self.master.run())
         await self._wait_listening(run)
         self.ready = True
-        log.info("sidecar ready", mode=self.cfg.listen.mode, listen=f"{self.cfg.listen.host}:{self.listen_port()}",
-                 upstream_host=up.host, version=_version(), policy_revision=rt.policy.revision if rt.policy else None)
+        log.info("sidecar ready", worker=self.worker.index if self.worker is not None else None,
+                 mode=self.cfg.listen.mode, listen=f"{self.cfg.listen.host}:{self.listen_port()}", upstream_host=up.host, version=_version(), policy_revision=rt.policy.revision if rt.policy else None)
         try:
             await run
         finally:
@@ -267,7 +287,7 @@ class Sidecar:
         try:
             if self.config_file is None:
                 raise ConfigError("no config file to reload")
-            new = load_config(self.config_file)
+            new = self._adapt(load_config(self.config_file))
             changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
             if changed:
                 raise ConfigError(f"changing {', '.join(changed)} needs a restart")
@@ -320,7 +340,7 @@ class Sidecar:
                 if rt.svc.shared_flags is not None:  # replicas: every one of them sees it
                     await set_killswitch(rt.svc.store, on, client, reason)
                     await rt.svc.shared_flags.refresh()
-                st = rt.killswitch.state
+                st = rt.killswitch.refresh()
                 return 200, {"engaged": st.engaged, "clients": sorted(st.clients)}
         if path == "/admin/receipts" and method == "GET":
             q = dict(parse_qsl(urlsplit(target).query))

@@ -130,14 +130,14 @@ class SidecarThread:
 class SidecarProcess:
     """`fhir-sidecar run --config FILE` as a child process (signals, CLI, stdout)."""
 
-    def __init__(self, cfg: dict[str, Any], tmp: Path) -> None:
+    def __init__(self, cfg: dict[str, Any], tmp: Path, args: tuple[str, ...] = ()) -> None:
         self.cfg_path = tmp / "sidecar.yaml"
         self.cfg_path.write_text(yaml.safe_dump(cfg))
         self.port = cfg["listen"]["port"]
         self.admin_port = cfg["admin"]["port"]
         self.stdout_path = tmp / "sidecar.stdout"
         self._out = open(self.stdout_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "--config", str(self.cfg_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "--config", str(self.cfg_path), *args],
                                      stdout=self._out, stderr=subprocess.STDOUT, cwd=str(tmp))
 
     def start(self) -> "SidecarProcess":

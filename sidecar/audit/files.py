@@ -54,6 +54,39 @@ def chain_files(path: str | os.PathLike[str]) -> list[str]:
     return out
 
 
+def active_path(path: str) -> str:
+    """The active file a (possibly rotated) audit file belongs to."""
+    m = _ROTATED_SUFFIX.search(path)
+    return path[:m.start()] if m and m.end() == len(path) else path
+
+
+def worker_paths(path: str | os.PathLike[str]) -> list[str]:
+    """The active files of `run --workers N` next to `path` (`audit.jsonl` -> `audit.w0.jsonl`,
+    `audit.w1.jsonl`, ...; rotated ones included even if the active file is gone), by index."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    pat = re.compile(re.escape(stem) + r"\.w(\d{1,3})" + re.escape(suffix))
+    found: dict[int, str] = {}
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = pat.match(name)
+        if m and (m.end() == len(name) or _ROTATED_SUFFIX.fullmatch(name[m.end():])):
+            found[int(m.group(1))] = os.path.join(os.path.dirname(path), name[:m.end()])
+    return [found[i] for i in sorted(found)]
+
+
+def all_chain_files(path: str | os.PathLike[str]) -> list[str]:
+    """`chain_files` of the configured path, then of every worker's path: each set oldest first."""
+    out = chain_files(path)
+    for p in worker_paths(path):
+        out.extend(chain_files(p))
+    return out
+
+
 def rotated_name(path: str, n: int, now: float) -> str:
     stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{path}.{stamp}.{n:06d}"

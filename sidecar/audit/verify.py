@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .checkpoints import parse_checkpoint_line
+from .files import active_path
 from .record import HMAC_PURPOSE, ZERO_HASH, check_record, derive_key, hash_ok, loads_line
 
 INTACT, TAMPERED, TORN = 0, 1, 2
@@ -168,7 +169,8 @@ def _load_checkpoints(path: str) -> dict[str, dict[int, str]]:
 
 def verify_files(paths: Sequence[str], secrets: dict[str, bytes],
                  checkpoints: str | None = None) -> VerifyResult:
-    """Verify audit files given in rotation order (oldest first). OSError from
+    """Verify audit files given in rotation order (oldest first; several workers' sets may
+    follow each other, each in its own order). OSError from
     reading a file propagates: a missing file is not a verdict."""
     if not paths:
         raise ValueError("no audit files given")
@@ -176,8 +178,10 @@ def verify_files(paths: Sequence[str], secrets: dict[str, bytes],
     try:
         wanted = _load_checkpoints(checkpoints) if checkpoints is not None else {}
         v = _Verifier(keys, wanted)
+        # A torn tail may end only the newest file of its set (each worker has its own set).
+        sets = [active_path(p) for p in paths]
         for i, path in enumerate(paths):
-            v.feed_file(path, last_file=i == len(paths) - 1)
+            v.feed_file(path, last_file=sets[i] not in sets[i + 1:])
         v.finish()
     except _Tampered as t:
         return VerifyResult(TAMPERED, t.seq, t.chain, t.message)
