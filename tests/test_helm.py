@@ -950,3 +950,12 @@ def test_interception_proven_in_network_namespaces(chart, backend):
         seen = [e for e in _log_lines(ehr) if e.get("server") == "ehr"]
         assert len(seen) == 1 and seen[0]["peer"] == POD_IP, seen
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("workers", [None, 3])
+def test_workers_value_reaches_the_command_line(chart, workers):
+    values = example("sidecar")
+    if workers is not None:
+        values = merge(values, {"sidecar": {"workers": workers}})
+    args = container(pod_spec(render(chart, values)), "fhir-sidecar")["args"]
+    assert args[args.index("--workers") + 1] == str(workers or 1)

@@ -187,7 +187,7 @@ spec:
 - name: fhir-sidecar
   image: {{ include "fhir-sidecar.image" . }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
-  args: [run, --config, /etc/fhir-sidecar/config/config.yaml, --log-level, {{ $v.sidecar.logLevel | quote }}]
+  args: [run, --config, /etc/fhir-sidecar/config/config.yaml, --log-level, {{ $v.sidecar.logLevel | quote }}, --workers, {{ int ($v.sidecar.workers | default 1) | quote }}]
   {{- if include "fhir-sidecar.nativeSidecar" . }}
   # A native sidecar: started (and ready) before the app, stopped after it.
   restartPolicy: Always
