@@ -225,23 +225,45 @@ def _resolve(
     return _literal(ref, upstream_base)
 
 
-def _walk(node: Any, path: str) -> Iterator[tuple[str, dict]]:
-    """Every JSON object below ``node`` with its element path, in document order (no recursion limit)."""
-    stack: list[tuple[Any, str]] = [(node, path)]
+def _walk(node: Any, path: str) -> Iterator[tuple[Any, dict]]:
+    """Every JSON object below ``node`` with its element path, in document order (no recursion limit).
+
+    The path is a chain ``(parent, key or index)`` whose root is ``path``; ``_path`` renders it.
+    Only the paths of references are ever shown, so none is formatted while walking."""
+    containers = (dict, list)
+    stack: list[tuple[Any, Any]] = [(node, path)]
     while stack:
         value, where = stack.pop()
+        children: list[tuple[Any, Any]] = []
         if isinstance(value, dict):
             yield where, value
-            children = []
             for key, child in value.items():
-                name = key if isinstance(key, str) and _KEY_RE.fullmatch(key) else "?"
                 if isinstance(child, list):
-                    children.extend((item, f"{where}.{name}[{i}]") for i, item in enumerate(child))
+                    here = (where, key)
+                    for i, item in enumerate(child):
+                        if isinstance(item, containers):
+                            children.append((item, (here, i)))
                 elif isinstance(child, dict):
-                    children.append((child, f"{where}.{name}"))
-            stack.extend(reversed(children))
+                    children.append((child, (where, key)))
         elif isinstance(value, list):
-            stack.extend(reversed([(item, f"{where}[{i}]") for i, item in enumerate(value)]))
+            for i, item in enumerate(value):
+                if isinstance(item, containers):
+                    children.append((item, (where, i)))
+        if children:
+            children.reverse()
+            stack += children
+
+
+def _path(where: Any) -> str:
+    """``Observation.performer[0]``: keys that are not plain element names show as ``?``."""
+    parts: list[str] = []
+    while type(where) is tuple:
+        where, seg = where
+        if type(seg) is int:
+            parts.append(f"[{seg}]")
+        else:
+            parts.append("." + (seg if isinstance(seg, str) and _KEY_RE.fullmatch(seg) else "?"))
+    return str(where) + "".join(reversed(parts))
 
 
 def patient_references(
@@ -281,15 +303,15 @@ def patient_references(
         elif "reference" in obj:
             ref = obj["reference"]
             if not isinstance(ref, str):
-                out.append((where, MALFORMED))
+                out.append((_path(where), MALFORMED))
                 continue
             got = _resolve(ref, contained=contained, root=resource, fullurl_map=fmap, upstream_base=upstream_base)
             if got is None and declared_patient:
                 got = TYPE_MISMATCH
             if got is not None:
-                out.append((where, got))
-        elif declared_patient and "identifier" in obj and where != top:
-            out.append((where, IDENTIFIER_ONLY))
+                out.append((_path(where), got))
+        elif declared_patient and "identifier" in obj and type(where) is tuple:  # not the resource itself
+            out.append((_path(where), IDENTIFIER_ONLY))
     return out
 
 

@@ -11,26 +11,42 @@ from sidecar.errors import Refusal, bad_request, deny
 from sidecar.fhir.types import is_supported
 from sidecar.fhir.validate import FhirValidationError, validate_json_patch, validate_resource
 from sidecar.identity import Principal
-from sidecar.request import Classification, FhirRequest
+from sidecar.request import Classification, FhirRequest, Requirement
 
 
 def check_scopes(cls: Classification, who: Principal) -> None:
-    """Every requirement must be granted by the client's scopes; write operations must be named."""
+    """Every requirement must be granted by the client's scopes; write operations must be named.
+
+    A Bundle's refusal names the first entry whose requirement is not granted. A requirement's
+    answer depends only on the requirement, the principal and whether the request writes, so each
+    distinct one is decided once (a 1,000-entry transaction of Observations has one)."""
     if cls.public:
         return
-    for i, req in enumerate(cls.requires):
-        missing = who.scopes.missing(req.resource_type, req.letters, contexts=who.contexts)
-        if missing and cls.is_write and _qualified_may_grant(who, req.resource_type, missing):
-            continue  # decided on the concrete resource (and `current`) once prior state is read
-        if missing:
-            letters = "".join(sorted(missing, key="cruds".index))
-            where = "any type" if req.resource_type == "*" else req.resource_type
-            raise deny(f"scope does not grant '{letters}' on {where} for {cls.interaction}")
+    decided: set[Requirement] = set()
+    for e in cls.entries:
+        for req in e.requires:
+            if req not in decided:
+                _check_requirement(req, cls, who, f"Bundle entry {e.index}: ", e.interaction)
+                decided.add(req)
+    for req in cls.requires:  # the request's own (a Bundle's are its entries': all decided above)
+        if req not in decided:
+            _check_requirement(req, cls, who, "", cls.interaction)
+            decided.add(req)
     for op in cls.write_operations:
         if op not in who.operations:
             raise deny(f"write operation {op} is not enabled for this client")
     if cls.conditional and not who.conditional_writes:
         raise deny("conditional writes are not enabled for this client")
+
+
+def _check_requirement(req: Requirement, cls: Classification, who: Principal, where: str, interaction: str) -> None:
+    missing = who.scopes.missing(req.resource_type, req.letters, contexts=who.contexts)
+    if missing and cls.is_write and _qualified_may_grant(who, req.resource_type, missing):
+        return  # decided on the concrete resource (and `current`) once prior state is read
+    if missing:
+        letters = "".join(sorted(missing, key="cruds".index))
+        rtype = "any type" if req.resource_type == "*" else req.resource_type
+        raise deny(f"{where}scope does not grant '{letters}' on {rtype} for {interaction}")
 
 
 def _qualified_may_grant(who: Principal, rtype: str, letters: frozenset[str]) -> bool:

@@ -274,3 +274,65 @@ def test_form_bad(data: bytes) -> None:
     with pytest.raises(BodyError) as ei:
         parse_form(data)
     assert (ei.value.status, ei.value.code) == (400, "invalid")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast depth check agrees with the exact one
+# ---------------------------------------------------------------------------------------------
+
+def _random_json(rng: "random.Random", depth: int) -> object:
+    chars = ['"', "\\", "[", "]", "{", "}", "a", ":", ",", "é", "\u2028", "\\\\", '\\"']
+    r = rng.random()
+    if depth > 0 and r < 0.35:
+        return [_random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    if depth > 0 and r < 0.7:
+        return {"".join(rng.choice(chars) for _ in range(rng.randint(0, 4))): _random_json(rng, depth - 1)
+                for _ in range(rng.randint(0, 3))}
+    if r < 0.9:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, 6)))
+    return rng.choice([1, 2.5, None, True])
+
+
+def test_fast_depth_check_is_exact_on_json_texts() -> None:
+    import random
+
+    from sidecar.fhir.jsonbody import _depth_within, _max_depth
+
+    rng = random.Random(20261125)
+    for _ in range(3000):
+        text = json.dumps(_random_json(rng, rng.randint(0, 12)), ensure_ascii=rng.random() < 0.5)
+        exact = _max_depth(text)
+        for limit in (1, 2, 3, 5, 8, 13):
+            assert _depth_within(text.encode(), limit) == (exact <= limit), (limit, text)
+
+
+@pytest.mark.parametrize("text", [
+    '{"a":' + "[" * 150 + "]" * 150 + "}",                       # deep, well-formed
+    '{"a":' + "[" * 150 + "]" * 149 + "}",                       # deep, unbalanced
+    '{"a":' + "[" * 60 + '"' + "]" * 60 + "}",                   # an unterminated string
+    '{"a":"' + "]" * 60 + '","b":' + "[" * 99 + "]" * 99 + "}",  # brackets in a string, 100 deep
+    '{"a":"\\\\","b":' + "[" * 99 + "]" * 99 + "}",              # an escaped backslash before a quote
+    '{"a":"\\"[[[[","b":' + "{" * 120 + "}" * 120 + "}",         # an escaped quote, then deep
+    '{"a":' + "[" * 70 + "}" * 70 + "}",                         # mismatched kinds (not JSON)
+    '{"a" "b":' + "[" * 101 + "]" * 101 + "}",                   # not JSON, and 102 deep
+])
+def test_depth_answers_match_the_exact_measure(text: str) -> None:
+    from sidecar.fhir.jsonbody import _max_depth
+
+    deep = _max_depth(text) > MAX_DEPTH
+    try:
+        parse_json(text.encode())
+    except BodyError as e:
+        assert ("nested deeper" in str(e)) == deep
+    else:
+        assert not deep
+
+
+def test_a_large_well_formed_body_is_not_scanned_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sidecar.fhir.jsonbody as jb
+
+    calls = []
+    monkeypatch.setattr(jb, "_max_depth", lambda text: calls.append(1) or 0)
+    doc = {"resourceType": "Bundle", "entry": [{"resource": {"a": [{"b": {"c": [1, "]]]"]}}]}} for _ in range(500)]}
+    assert parse_json(json.dumps(doc).encode()) == doc
+    assert calls == []

@@ -326,3 +326,83 @@ def test_patch_bad(ops: Any) -> None:
     with pytest.raises(FhirValidationError) as ei:
         validate_json_patch(ops)
     assert CANARY not in str(ei.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles are validated entry by entry: the same answer as the whole-Bundle model
+# --------------------------------------------------------------------------------------------
+
+def _whole_model_message(doc: dict[str, Any]) -> str | None:
+    """What the R4B Bundle model says when it validates the whole Bundle at once (the reference)."""
+    from pydantic import ValidationError
+
+    from sidecar.fhir.validate import _describe, _loc_path
+
+    try:
+        model_class("Bundle").model_validate(doc)
+    except ValidationError as e:
+        errs = e.errors(include_url=False, include_context=False, include_input=False)[:3]
+        return "invalid resource: " + "; ".join(f"{_loc_path('Bundle', tuple(x['loc']))}: {_describe(x['type'])}"
+                                                for x in errs)
+    return None
+
+
+def _many_entries(n: int) -> dict[str, Any]:
+    """Observations (even indices) and Patients (odd), each its own object."""
+    def obs() -> dict[str, Any]:
+        o = observation()
+        del o["id"], o["meta"]
+        return o
+    return bundle(*[obs() if i % 2 == 0 else patient() for i in range(n)])
+
+
+@pytest.mark.parametrize("breakage", [
+    {},                                                             # valid
+    {"entry[8].resource.status": ...},                              # one entry's resource
+    {"entry[2].resource.status": ..., "entry[40].resource.code": ..., "entry[41].resource.birthDate": "1974-13"},
+    {"entry[3].request.url": ...},                                  # the shell only
+    {"entry[3].request.url": ..., "entry[1].resource.birthDate": "x", "entry[5].resource.birthDate": "1974-02-30"},
+    {"type": ...},                                                  # the Bundle's own required element
+    {"type": ..., "entry[10].resource.status": ...},                # ... not reported past an entry's error
+    {"timestamp": "yesterday", "entry[0].resource.status": ...},    # a Bundle field after `entry`, and one before
+    {"entry[6].resource.valueString": "x"},                         # a resource-level (choice) error
+    {"entry[4].resource.effectivePeriod.start": "2013-13"},         # deep inside an entry
+    {"entry[1].resource.birthDate": "x", "entry[1].fullUrl": ...},  # an entry whose shell is still valid
+])
+def test_bundle_split_validation_says_what_the_whole_bundle_model_says(breakage: dict[str, Any]) -> None:
+    doc = _many_entries(60)
+    for path, value in breakage.items():
+        doc = _set(doc, path, value)
+    expected = _whole_model_message(doc)
+    if expected is None:
+        validate_resource(doc)
+        return
+    with pytest.raises(FhirValidationError) as ei:
+        validate_resource(doc)
+    assert (ei.value.code, str(ei.value)) == ("invalid", expected)
+
+
+def test_nested_bundle_entries_are_validated_with_their_own_types() -> None:
+    inner = {"resourceType": "Bundle", "type": "collection",
+             "entry": [{"resource": {"resourceType": "Observation", "status": "final"}}]}
+    doc = bundle(observation(), inner)
+    with pytest.raises(FhirValidationError) as ei:
+        validate_resource(doc)
+    assert str(ei.value) == _whole_model_message(doc)
+    assert "Bundle.entry[1].resource.entry[0].resource.code: required element missing" in str(ei.value)
+
+
+def test_each_entry_resource_is_validated_once_with_its_own_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    for rtype in ("Bundle", "Observation", "Patient"):
+        cls = model_class(rtype)
+        original = cls.model_validate.__func__
+
+        def counted(klass, obj, *a, _orig=original, **k):
+            if klass.__name__ in ("Bundle", "Observation", "Patient"):
+                seen.append(klass.__name__)
+            return _orig(klass, obj, *a, **k)
+
+        monkeypatch.setattr(cls, "model_validate", classmethod(counted))
+    validate_resource(_many_entries(10))
+    assert seen == ["Bundle"] + ["Observation", "Patient"] * 5

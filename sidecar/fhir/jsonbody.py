@@ -123,6 +123,39 @@ def _max_depth(text: str) -> int:
     return max(accumulate(_DELTA[b] for b in brackets), default=0)
 
 
+# The fast depth check works on the bytes: escapes removed, then everything but quotes and
+# brackets (UTF-8 continuation bytes are >= 0x80: never one of them), with `{}` read as `[]`
+# (in a JSON text brackets match by kind anyway: the nesting is the same).
+_STRUCTURE: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'"[]{}')
+_QUOTED: Final = re.compile(rb'"[^"]*"')
+_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)  # a backslash and the character it escapes
+
+
+def _depth_within(data: bytes, limit: int) -> bool:
+    """True only if ``data``, read as JSON, nests at most ``limit`` deep; False: not shown (the
+    exact ``_max_depth`` decides). Linear C-level passes instead of a regex match per string.
+
+    After removing every escape (a backslash and the character after it, left to right, as a JSON
+    lexer reads them), every quote left delimits a string. Of quotes and brackets only, adjacent
+    quote pairs are dropped (an empty string, or one string's end and the next one's start:
+    nothing between them), then the strings that are left (those holding brackets) go. Each pass then removes every innermost
+    ``[]`` (``bytes.replace`` does not rescan what it produced: one level per pass); a matched
+    sequence is empty after exactly its depth in passes. For a JSON text the answer is exact; an
+    unterminated string or unbalanced brackets never empty (False), and a text that is not JSON
+    but was cleared anyway fails to parse, where the exact measure decides.
+    """
+    s = _ESCAPE.sub(b"", data) if b"\\" in data else data
+    s = s.translate(_STRUCTURE, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in s:
+        s = _QUOTED.sub(b"", s)
+    for _ in range(limit):
+        if not s:
+            return True
+        s = s.replace(b"[]", b"")
+    return not s
+
+
 def _check_strings(value: Any) -> None:
     """Refuse lone surrogates (from \\uD800-style escapes) in keys/strings."""
     stack = [value]
@@ -149,18 +182,29 @@ def parse_json(data: bytes, *, allow_array: bool = False) -> Any:
         text = data.decode("utf-8")  # strict: also rejects encoded surrogates
     except UnicodeDecodeError:
         raise _invalid("body is not valid UTF-8") from None
-    if text.count("{") + text.count("[") > MAX_DEPTH and _max_depth(text) > MAX_DEPTH:
+    # Depth is measured before parsing (the json module recurses per level). A JSON text the
+    # fast check clears is nested at most MAX_DEPTH deep; one it cannot clear is measured exactly.
+    # Should a text it cleared fail to parse, the exact measure decides the message first, so
+    # every answer is the one the exact measure alone gives.
+    deep = text.count("{") + text.count("[") > MAX_DEPTH
+    if deep and not _depth_within(data, MAX_DEPTH) and _max_depth(text) > MAX_DEPTH:
         raise _invalid(f"JSON nested deeper than {MAX_DEPTH}")
     try:
         value = _DECODER.decode(text)  # rejects trailing data ("Extra data")
     except json.JSONDecodeError as e:
+        if deep and _max_depth(text) > MAX_DEPTH:
+            raise _invalid(f"JSON nested deeper than {MAX_DEPTH}") from None
         # e.msg is one of the json module's fixed messages; never e.doc.
         raise _invalid(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise _invalid(f"JSON nested deeper than {MAX_DEPTH}") from None
     except BodyError:
+        if deep and _max_depth(text) > MAX_DEPTH:
+            raise _invalid(f"JSON nested deeper than {MAX_DEPTH}") from None
         raise
     except ValueError:  # e.g. int longer than sys.get_int_max_str_digits()
+        if deep and _max_depth(text) > MAX_DEPTH:
+            raise _invalid(f"JSON nested deeper than {MAX_DEPTH}") from None
         raise _invalid("invalid JSON number") from None
     if _SURROGATE_ESCAPE.search(text):
         try:
