@@ -2,6 +2,7 @@
 """Embedded policy decision latency (issue #3): no network, one process, one core.
 
     .venv/bin/python bench/policy_latency.py [--rounds 2000] [--warmup 200] [--cpu N] [--json FILE]
+                                             [--bundle-sizes 100,1000] [--bundle-rounds 20] [--policy-dir DIR]
 
 Loads the shipped starter policy exactly as the sidecar does
 (`EmbeddedPolicy.load(Path("policies"), "fhir/writeback")`; `policies/` is only read) and times
@@ -21,6 +22,11 @@ conversion (`to_rego_input` + free) alone, so a slow decision can be attributed.
 If tests/test_policy_cases.py is importable (pytest installed) its decision table (allows and
 denies, every rule) is timed too, as one more line; so is the engine's floor (a one-rule policy
 that reads `input.request.write`, on the plain create's input). Neither is part of "overall".
+
+Large transactions (`--bundle-sizes`, default 100 and 1,000 Observations by demo-writer, built like
+the 10-entry class) get a line each, also outside "overall", with the cost per entry and, beside
+it, the engine floor on the same input (the one-rule policy: input conversion, handing the input
+to rego-cpp, and the query's fixed cost), so the policy's own share per entry shows.
 
 The last stdout line is `POLICY_JSON {...}` (bench/run.py reads it); `--json FILE` writes it too.
 """
@@ -90,6 +96,15 @@ def parsed_input(method: str, target: str, body: Any, who: Principal, *, headers
     req = parse_request(raw, base_path=BASE_PATH, max_body_bytes=10 * 1024 * 1024, upstream_base=UPSTREAM)
     cls = classify(req, upstream_base=UPSTREAM)
     return build_input(req, cls, who, shadow=False, now=NOW, current=current)
+
+
+def bundle_input(n: int) -> dict[str, Any]:
+    """A transaction of n Observation creates by demo-writer (the 10-entry class, larger)."""
+    writer = principal("demo-writer", "demo-clinic", ["system/Observation.cruds"])
+    bundle = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [{"fullUrl": f"urn:uuid:00000000-0000-4000-8000-{i:012d}", "resource": OBS,
+                         "request": {"method": "POST", "url": "Observation"}} for i in range(n)]}
+    return parsed_input("POST", "", bundle, writer)
 
 
 def classes() -> list[tuple[str, Callable[[], dict[str, Any]], bool]]:
@@ -175,10 +190,11 @@ def decision_table() -> list[tuple[str, dict[str, Any], dict[str, Any]]] | None:
     return list(CASES)
 
 
-def run(rounds: int, warmup: int, cpu_arg: int | None, table_rounds: int) -> dict[str, Any]:
+def run(rounds: int, warmup: int, cpu_arg: int | None, table_rounds: int,
+        bundle_sizes: list[int] | None = None, bundle_rounds: int = 20, policy_dir: Path | None = None) -> dict[str, Any]:
     pinned = pin(cpu_arg)
     t_load = time.perf_counter()
-    policy = EmbeddedPolicy.load(REPO / "policies", "fhir/writeback")
+    policy = EmbeddedPolicy.load(policy_dir or REPO / "policies", "fhir/writeback")
     load_s = time.perf_counter() - t_load
     specs = classes()
     docs = []
@@ -223,6 +239,22 @@ def run(rounds: int, warmup: int, cpu_arg: int | None, table_rounds: int) -> dic
     floor = EmbeddedPolicy({"floor.rego": FLOOR_REGO}, {}, "fhir/writeback", "floor")
     fw, fc = time_calls([lambda: floor.evaluate(docs[0][1])], rounds)
     result["engine_floor"] = dict(stats(fw[0], fc[0]), name="engine floor: 1-rule policy, the create's input")
+    bundles = []
+    for n in bundle_sizes or []:
+        doc = bundle_input(n)
+        if policy.evaluate(doc).get("allow") is not True:
+            raise SystemExit(f"policy_latency: a {n}-entry bundle by demo-writer is not allowed")
+        k = max(3, bundle_rounds if n >= 1000 else bundle_rounds * 5)
+        evaluator(doc)()  # warm-up
+        bw, bc = time_calls([evaluator(doc), lambda d=doc: floor.evaluate(d)], k)
+        cw, _ = time_calls([converter(doc)], max(3, k // 2))
+        line = dict(stats(bw[0], bc[0]), name=f"transaction bundle, {n} entries (demo-writer)", entries=n,
+                    input_bytes=len(json.dumps(doc)), to_rego_input_p50_ms=pct(sorted(cw[0]), 50),
+                    engine_floor_p50_ms=pct(sorted(bw[1]), 50), engine_floor_cpu_mean_us=statistics.fmean(bc[1]) / 1e3)
+        line["per_entry_ms"] = line["p50_ms"] / n
+        line["policy_per_entry_ms"] = (line["p50_ms"] - line["engine_floor_p50_ms"]) / n
+        bundles.append(line)
+    result["bundles"] = bundles
     table = decision_table() if table_rounds > 0 else None
     if table:
         tw, tc = time_calls([evaluator(d) for _, d, _ in table], table_rounds)
@@ -251,6 +283,12 @@ def print_report(r: dict[str, Any], file=sys.stdout) -> None:
           f"{c['cpu_mean_us']:>8.0f}{conv:>9}{build:>9}")
     p("(p50..max: wall time of one EmbeddedPolicy.evaluate; CPU µs: its mean process CPU time; conv: the "
       "to_rego_input part alone, p50; build: parse+classify+build_input, p50, not part of the decision)")
+    if r.get("bundles"):
+        p("large transactions (not in overall; floor: the 1-rule policy on the same input):")
+        for b in r["bundles"]:
+            p(f"  {b['name'][:59]:<60}{b['p50_ms']:>8.2f}{b['p90_ms']:>8.2f}{b['p99_ms']:>8.2f}{b['max_ms']:>8.1f}"
+              f"{b['cpu_mean_us'] / 1e3:>7.1f}ms conv {b['to_rego_input_p50_ms']:.1f} ms, floor {b['engine_floor_p50_ms']:.1f} ms; "
+              f"{b['per_entry_ms']:.3f} ms/entry, of which policy {b['policy_per_entry_ms']:.3f} ms/entry")
     o = r["overall"]
     over = [c["name"] for c in r["classes"] if c["p99_ms"] > r["target_p99_ms"]]
     p(f"{'PASS' if r['pass'] else 'MISS'}: policy decision p99 {o['p99_ms']:.3f} ms (p50 {o['p50_ms']:.3f} ms) "
@@ -264,10 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=200, help="unmeasured rounds first (default 200)")
     ap.add_argument("--table-rounds", type=int, default=100,
                     help="rounds over the tests' decision table (0: skip; default 100)")
+    ap.add_argument("--bundle-sizes", default="100,1000",
+                    help="entry counts of the large-transaction lines (comma-separated; empty: none; default 100,1000)")
+    ap.add_argument("--bundle-rounds", type=int, default=20,
+                    help="rounds for a 1,000+-entry transaction (5x that below 1,000; default 20)")
     ap.add_argument("--cpu", type=int, help="the CPU to pin to (default: the last one allowed)")
+    ap.add_argument("--policy-dir", type=Path, help="another policy directory to time (default: policies/)")
     ap.add_argument("--json", help="also write the result to this file")
     a = ap.parse_args(argv)
-    r = run(a.rounds, a.warmup, a.cpu, a.table_rounds)
+    sizes = [int(x) for x in a.bundle_sizes.split(",") if x.strip()]
+    r = run(a.rounds, a.warmup, a.cpu, a.table_rounds, sizes, a.bundle_rounds, a.policy_dir)
     print_report(r)
     line = json.dumps(r)
     if a.json:

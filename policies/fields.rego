@@ -8,79 +8,67 @@ package fhir.writeback
 
 import rego.v1
 
-field_denies(inp, label, w, c) := field_checks(inp, label, w, c.fields[w.request.resource_type]) if {
-	c.fields[w.request.resource_type]
-} else := set()
-
-field_checks(inp, label, w, rules) := (denied | unlisted) | unchecked if {
-	denied := {msg |
-		has_result(w)
-		some p in object.get(rules, "deny", [])
-		is_string(p)
-		s := split(p, ".")
-		has(w.resource, s[0]) # most paths stop here
-		field_present(w.resource, s)
-		msg := concat("", [label, w.request.resource_type, ".", p, " is not allowed for client ", who(inp)])
-	}
-	unlisted := {msg |
-		has_result(w)
-		is_array(rules.allow)
-		some k in object.keys(w.resource)
+# rules: the client's field rules for the written type; present: the `deny` paths found in the
+# resulting resource; extra: [the top-level elements of the resulting resource that the `allow`
+# list does not name] (empty without an `allow` list or a resulting resource).
+# (per_write_denies finds them: see writeback.rego.)
+field_checks(rules, present, extra) := (denied | unlisted) | unchecked if {
+	denied := {{"rule": "field", "path": p} | some p in present}
+	unlisted := {{"rule": "unlisted", "element": k} |
+		some ks in extra
+		some k in ks
 		k != "resourceType"
-		not k in rules.allow
-		msg := concat("", [label, w.request.resource_type, ".", shown(k), " is not allowed for client ", who(inp)])
 	}
-	unchecked := {msg |
+	unchecked := {{"rule": "unchecked", "path": p} |
 		some p in object.get(rules, "deny", [])
 		not checkable(p)
-		msg := concat("", [label, "field rule ", shown(p), " for ", w.request.resource_type, " cannot be checked"])
 	}
-} else := set()
+}
+
+reason(r, w, cid, _) := concat("", [label(w), w.type, ".", r.path, " is not allowed for client ", who(cid)]) if r.rule == "field"
+
+reason(r, w, cid, _) := concat("", [label(w), w.type, ".", shown(r.element), " is not allowed for client ", who(cid)]) if r.rule == "unlisted"
+
+reason(r, w, _, _) := concat("", [label(w), "field rule ", shown(r.path), " for ", w.type, " cannot be checked"]) if r.rule == "unchecked"
 
 checkable(p) if {
 	is_string(p)
 	count(split(p, ".")) <= 4
 }
 
-# Is there an element at this path (arrays crossed at every step)? Written out per length: the
-# embedded engine has no recursion, and a function returning part of the input is slow there.
-field_present(r, s) if {
-	count(s) == 1
-	has(r, s[0])
-}
+# Is there an element at path s, given v, the element at its first step (arrays crossed at
+# every step)? Written out per length: the embedded engine has no recursion.
+field_present(_, s) if count(s) == 1
 
-field_present(r, s) if {
+field_present(v, s) if {
 	count(s) == 2
-	has(r[s[0]], s[1])
+	has(v, s[1])
 }
 
-field_present(r, s) if {
+field_present(v, s) if {
 	count(s) == 3
-	v := r[s[0]]
 	is_object(v)
 	has(v[s[1]], s[2])
 }
 
-field_present(r, s) if {
+field_present(vs, s) if {
 	count(s) == 3
-	is_array(r[s[0]])
-	some v in r[s[0]]
+	is_array(vs)
+	some v in vs
 	is_object(v)
 	has(v[s[1]], s[2])
 }
 
-field_present(r, s) if {
+field_present(v, s) if {
 	count(s) == 4
-	v := r[s[0]]
 	is_object(v)
 	u := v[s[1]]
 	is_object(u)
 	has(u[s[2]], s[3])
 }
 
-field_present(r, s) if {
+field_present(v, s) if {
 	count(s) == 4
-	v := r[s[0]]
 	is_object(v)
 	is_array(v[s[1]])
 	some u in v[s[1]]
@@ -88,20 +76,20 @@ field_present(r, s) if {
 	has(u[s[2]], s[3])
 }
 
-field_present(r, s) if {
+field_present(vs, s) if {
 	count(s) == 4
-	is_array(r[s[0]])
-	some v in r[s[0]]
+	is_array(vs)
+	some v in vs
 	is_object(v)
 	u := v[s[1]]
 	is_object(u)
 	has(u[s[2]], s[3])
 }
 
-field_present(r, s) if {
+field_present(vs, s) if {
 	count(s) == 4
-	is_array(r[s[0]])
-	some v in r[s[0]]
+	is_array(vs)
+	some v in vs
 	is_object(v)
 	is_array(v[s[1]])
 	some u in v[s[1]]

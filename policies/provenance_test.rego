@@ -97,3 +97,17 @@ test_automated_client_needs_a_configured_agent if {
 test_interactive_clients_need_no_provenance if {
 	decide(create_by(writer, obs)).allow
 }
+
+test_the_sidecars_parse_of_the_header_is_read_when_given if {
+	# context.x_provenance is the sidecar's reading of the header: when present, it is what counts
+	header := prov(lab_device, [{"type": "Observation"}])
+	ok := lab_create(header, lab_scopes)
+	decide(ok).allow
+	parsed := json.unmarshal(header)
+	decide(object.union(ok, {"context": object.union(ctx, {"x_provenance": {"valid": true, "value": parsed}})})).allow
+	d := decide(object.union(ok, {"context": object.union(ctx, {"x_provenance": {"valid": false}})}))
+	d.reasons == ["X-Provenance is not valid JSON"]
+	other := json.unmarshal(prov({"reference": "Device/someone-else"}, [{"type": "Observation"}]))
+	d2 := decide(object.union(ok, {"context": object.union(ctx, {"x_provenance": {"valid": true, "value": other}})}))
+	d2.reasons == ["X-Provenance agent does not name client legacy-lab-feed"]
+}

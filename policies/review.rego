@@ -11,31 +11,36 @@ package fhir.writeback
 
 import rego.v1
 
-per_write_holds(inp, w, c) := high_impact | after_hours if {
-	t := w.request.resource_type
-	high_impact := {msg |
-		t in review_settings.high_impact.types
-		high_impact_client(c, review_settings.high_impact)
-		msg := concat("", [t, " is a high-impact write and needs review"])
-	}
-	after_hours := {msg |
-		t in review_settings.after_hours.types
-		not within_hours(object.get(inp.context, "time", null), review_settings.after_hours)
-		msg := concat("", [t, " writes outside business hours need review"])
-	}
+# c: the client's settings; types: the types the request writes; ctx: its context.
+type_holds(c, types, ctx) := high_impact_holds(count(hi) > 0, hi, c) | after_hours_holds(count(ah) > 0, ah, ctx) if {
+	hi := {t | some t in types; t in review_settings.high_impact.types}
+	ah := {t | some t in types; t in review_settings.after_hours.types}
+}
+
+# (Each check runs only when a written type is concerned: `applies` comes first. On the embedded
+# engine a function's other statements may run before its body's first test.)
+high_impact_holds(applies, held, c) := {msg | some t in held; msg := concat("", [t, " is a high-impact write and needs review"])} if {
+	applies == true
+	high_impact_client(c, review_settings.high_impact)
+} else := set()
+
+after_hours_holds(applies, held, ctx) := {msg | some t in held; msg := concat("", [t, " writes outside business hours need review"])} if {
+	applies == true
+	not within_hours(object.get(ctx, "clock", null), object.get(ctx, "time", null), review_settings.after_hours)
 } else := set()
 
 high_impact_client(c, _) if automated(c)
 
 high_impact_client(_, hi) if hi.automated_only == false
-
 weekdays := ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
 
-within_hours(time, ah) if {
-	clock := local_clock(time, object.get(ah, "utc_offset_minutes", 0))
-	weekdays[clock.day] in object.get(ah, "days", weekdays)
-	clock.minute >= minute_of_day(ah.start)
-	clock.minute < minute_of_day(ah.end)
+# clock: context.clock, the sidecar's reading of context.time ({weekday: 0 = Sunday .. 6, minute:
+# minute of the UTC day}; README.md); time: context.time, read here when there is no clock.
+within_hours(clock, time, ah) if {
+	local := local_clock(clock, time, object.get(ah, "utc_offset_minutes", 0))
+	weekdays[local.day] in object.get(ah, "days", weekdays)
+	local.minute >= minute_of_day(ah.start)
+	local.minute < minute_of_day(ah.end)
 }
 
 minute_of_day(hhmm) := (num(substring(hhmm, 0, 2)) * 60) + num(substring(hhmm, 3, 2)) if {
@@ -44,19 +49,27 @@ minute_of_day(hhmm) := (num(substring(hhmm, 0, 2)) * 60) + num(substring(hhmm, 3
 	substring(hhmm, 2, 1) == ":"
 }
 
-# {day: 0 = Sunday .. 6, minute: minute of the local day} of "YYYY-MM-DDTHH:MM:SS[.f]Z", without
-# time builtins (the embedded engine has none; the result is the same on every engine).
-local_clock(t, offset) := {"day": mod(weekday(y, m, d) + shift, 7), "minute": total - (shift * 1440)} if {
+# {day: 0 = Sunday .. 6, minute: minute of the local day} at this offset from UTC.
+local_clock(clock, time, offset) := shift_clock(clock.weekday, clock.minute, offset) if {
+	is_number(clock.weekday)
+	is_number(clock.minute)
+} else := shift_clock(weekday(y, m, d), (num(substring(t, 11, 2)) * 60) + num(substring(t, 14, 2)), offset) if {
+	# "YYYY-MM-DDTHH:MM:SS[.f]Z", without time builtins (the embedded engine has none; the result is
+	# the same on every engine)
+	t := time
 	is_string(t)
 	endswith(t, "Z")
 	substring(t, 4, 1) == "-"
 	substring(t, 10, 1) == "T"
 	substring(t, 13, 1) == ":"
-	is_number(offset)
 	y := num(substring(t, 0, 4))
 	m := num(substring(t, 5, 2))
 	d := num(substring(t, 8, 2))
-	total := ((num(substring(t, 11, 2)) * 60) + num(substring(t, 14, 2))) + offset
+}
+
+shift_clock(day, minute, offset) := {"day": mod(day + shift, 7), "minute": total - (shift * 1440)} if {
+	is_number(offset)
+	total := minute + offset
 	shift := floor(total / 1440)
 }
 

@@ -103,3 +103,17 @@ test_other_types_are_not_held_after_hours if {
 	})
 	d.allow
 }
+
+test_the_sidecars_clock_is_read_when_given if {
+	# context.clock is the sidecar's reading of context.time: when present, it is what counts
+	noon := write("ward-app", "2026-11-25T13:00:00Z", [], {}) # a Wednesday
+	decide(noon).allow
+	sunday := {"time": "2026-11-25T13:00:00Z", "clock": {"weekday": 0, "minute": 780}, "shadow": false, "approvals": []}
+	d := decide(object.union(noon, {"context": sunday}))
+	d.review
+	d.reasons == ["MedicationRequest writes outside business hours need review"]
+	wednesday := {"time": "2026-11-25T13:00:00Z", "clock": {"weekday": 3, "minute": 780}, "shadow": false, "approvals": []}
+	decide(object.union(noon, {"context": wednesday})).allow
+	late := {"time": "2026-11-25T13:00:00Z", "clock": {"weekday": 3, "minute": 1170}, "shadow": false, "approvals": []}
+	decide(object.union(noon, {"context": late})).review
+}

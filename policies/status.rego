@@ -7,48 +7,45 @@ package fhir.writeback
 
 import rego.v1
 
-status_denies(inp, label, w, c) := status_checks(inp, label, w, c.status[w.request.resource_type]) if {
-	c.status[w.request.resource_type]
-} else := set()
-
-status_checks(inp, label, w, rule) := (values | locked) | transitions if {
+# act: the write's interaction; rule: the client's status rule for its type; to: [the element's
+# value in the resulting resource] (empty without one); from: [its value in the stored version]
+# (empty without one). An absent element counts as null. (per_write_denies: writeback.rego.)
+status_checks(act, rule, to, from) := (values | locked) | transitions if {
 	element := rule.element
-	is_string(element)
 
-	values := {msg |
+	values := {{"rule": "status", "element": element, "value": v, "allowed": rule.write} |
 		is_array(rule.write)
-		has_result(w)
-		v := object.get(w.resource, element, null)
+		some v in to
 		not v in rule.write
-		msg := concat("", [
-			label, w.request.resource_type, ".", shown(element), " ", shown(v), " is not allowed for client ", who(inp),
-			" (allowed: ", concat(", ", [shown(x) | some x in rule.write]), ")",
-		])
 	}
 
-	locked := {msg |
-		w.request.interaction in touches
-		is_object(w.current)
-		v := object.get(w.current, element, null)
+	locked := {{"rule": "locked", "element": element, "value": v} |
+		act in touches
+		some v in from
 		v in object.get(rule, "locked", [])
-		msg := concat("", [
-			label, target(w), " is ", shown(element), " ", shown(v), " and may not be changed by client ", who(inp),
-		])
 	}
 
-	transitions := {msg |
-		w.request.interaction in produces
+	transitions := {{"rule": "transition", "element": element, "from": from_value, "to": to_value} |
+		act in produces
 		is_object(rule.transitions)
-		is_object(w.current)
-		from := object.get(w.current, element, null)
-		is_string(from)
-		has_result(w)
-		to := object.get(w.resource, element, null)
-		to != from
-		not to in object.get(rule.transitions, from, [])
-		msg := concat("", [
-			label, target(w), ".", shown(element), " may not go from ", shown(from), " to ", shown(to),
-			" for client ", who(inp),
-		])
+		some from_value in from
+		is_string(from_value)
+		some to_value in to
+		to_value != from_value
+		not to_value in object.get(rule.transitions, from_value, [])
 	}
-} else := set()
+}
+
+reason(r, w, cid, _) := concat("", [
+	label(w), w.type, ".", shown(r.element), " ", shown(r.value), " is not allowed for client ", who(cid),
+	" (allowed: ", concat(", ", [shown(x) | some x in r.allowed]), ")",
+]) if r.rule == "status"
+
+reason(r, w, cid, _) := concat("", [
+	label(w), target(w), " is ", shown(r.element), " ", shown(r.value), " and may not be changed by client ", who(cid),
+]) if r.rule == "locked"
+
+reason(r, w, cid, _) := concat("", [
+	label(w), target(w), ".", shown(r.element), " may not go from ", shown(r.from), " to ", shown(r.to),
+	" for client ", who(cid),
+]) if r.rule == "transition"

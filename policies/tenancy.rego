@@ -11,17 +11,12 @@ default tag_system := null
 
 tag_system := tenancy.tag_system
 
-tenancy_request_denies(inp, c) := tenancy_setup(inp) if {
-	tenant_bound(c)
-} else := set()
-
-tenancy_setup(inp) := no_tenant | no_system if {
-	write_count(inp) > 0
-	no_tenant := {msg |
-		not valid_tenant(object.get(inp.client, "tenant", null))
-		msg := concat("", ["client ", who(inp), " has no tenant (tenant boundary)"])
-	}
-	no_system := {msg | not valid_tenant(tag_system); msg := "tenancy.tag_system is not configured (tenant boundary)" }
+# bound: the client is tenant-bound; n: how many writes the request holds.
+tenancy_request_checks(bound, client, n) := no_tenant | no_system if {
+	bound == true
+	n > 0
+	no_tenant := {{"rule": "no_tenant"} | not valid_tenant(object.get(client, "tenant", null))}
+	no_system := {{"rule": "no_tag_system"} | not valid_tenant(tag_system)}
 } else := set()
 
 valid_tenant(t) if {
@@ -29,45 +24,27 @@ valid_tenant(t) if {
 	t != ""
 }
 
-tenancy_write_denies(inp, label, w, c) := tenancy_checks(label, w, object.get(inp.client, "tenant", null)) if {
-	tenant_bound(c)
-} else := set()
+# The codes of the tenant tags among these tags (a resource's meta.tag).
+tenant_codes(tags) := {object.get(tag, "code", null) | some tag in tags; tag.system == tag_system}
 
-tenancy_checks(label, w, tenant) := ((result_untagged | result_other) | stored_untagged) | stored_other if {
-	result_untagged := {msg |
-		w.request.interaction in produces
-		has_result(w)
-		not tagged_any(w.resource)
-		msg := concat("", [label, "the resulting ", shown(w.request.resource_type), " is not tagged with tenant ", shown(tenant)])
-	}
-	result_other := {msg |
-		w.request.interaction in produces
-		has_result(w)
-		tagged_other(w.resource, tenant)
-		msg := concat("", [label, "the resulting ", shown(w.request.resource_type), " is tagged with a tenant other than ", shown(tenant)])
-	}
-	stored_untagged := {msg |
-		w.request.interaction in touches
-		is_object(w.current)
-		not tagged_any(w.current)
-		msg := concat("", [label, "the stored ", target(w), " is not tagged with tenant ", shown(tenant)])
-	}
-	stored_other := {msg |
-		w.request.interaction in touches
-		is_object(w.current)
-		tagged_other(w.current, tenant)
-		msg := concat("", [label, "the stored ", target(w), " belongs to another tenant"])
-	}
-} else := set()
-
-# r carries a tenant tag / a tenant tag whose code is not `tenant`.
-tagged_any(r) if {
-	some tag in r.meta.tag
-	tag.system == tag_system
+# result: [the tenant codes of the resulting resource] (empty when the write produces none);
+# stored: [those of the stored version] (empty when it touches none). (per_write_denies:
+# writeback.rego.) No tenant tag: untagged; a tenant tag of another tenant: another tenant's.
+tenancy_checks(tenant, result, stored) := ((result_untagged | result_other) | stored_untagged) | stored_other if {
+	result_untagged := {{"rule": "result_untagged"} | some codes in result; codes == set()}
+	result_other := {{"rule": "result_other"} | some codes in result; codes - {tenant} != set()}
+	stored_untagged := {{"rule": "stored_untagged"} | some codes in stored; codes == set()}
+	stored_other := {{"rule": "stored_other"} | some codes in stored; codes - {tenant} != set()}
 }
 
-tagged_other(r, tenant) if {
-	some tag in r.meta.tag
-	tag.system == tag_system
-	object.get(tag, "code", null) != tenant
-}
+reason(r, _, cid, _) := concat("", ["client ", who(cid), " has no tenant (tenant boundary)"]) if r.rule == "no_tenant"
+
+reason(r, _, _, _) := "tenancy.tag_system is not configured (tenant boundary)" if r.rule == "no_tag_system"
+
+reason(r, w, _, tenant) := concat("", [label(w), "the resulting ", shown(w.type), " is not tagged with tenant ", shown(tenant)]) if r.rule == "result_untagged"
+
+reason(r, w, _, tenant) := concat("", [label(w), "the resulting ", shown(w.type), " is tagged with a tenant other than ", shown(tenant)]) if r.rule == "result_other"
+
+reason(r, w, _, tenant) := concat("", [label(w), "the stored ", target(w), " is not tagged with tenant ", shown(tenant)]) if r.rule == "stored_untagged"
+
+reason(r, w, _, _) := concat("", [label(w), "the stored ", target(w), " belongs to another tenant"]) if r.rule == "stored_other"

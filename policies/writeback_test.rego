@@ -147,16 +147,19 @@ test_clients_without_content_rules_need_no_stored_version if {
 	decide({"client": writer, "context": ctx, "request": req("DELETE", "delete", "Observation", "9", {})}).allow
 }
 
-# ---- the short path ---------------------------------------------------------------------------
+# ---- the short paths -------------------------------------------------------------------------
 
-full_rules(inp) := data.fhir.writeback.verdict(data.fhir.writeback.denies(inp, c), data.fhir.writeback.holds(inp, c)) if {
-	c := data.fhir.writeback.clients[inp.client.id]
-}
+full_rules(inp) := data.fhir.writeback.full_decision(inp)
 
+# The short paths of decision_for (plain writes, and bundles of them) decide as every rule does.
+# (tests/test_policy_shape.py checks that plain writes do take the short paths.)
 test_short_path_is_the_full_path if {
-	short := [create_by(writer, obs), update_by(writer, obs_9, null), delete_by(writer, "Observation", "9", null)]
+	short := [
+		create_by(writer, obs), update_by(writer, obs_9, null), delete_by(writer, "Observation", "9", null),
+		bundle_by(writer, [entry("POST", "create", obs, null), entry("PUT", "update", obs_9, "9")]),
+	]
 	every inp in short {
-		data.fhir.writeback.plain_write(inp, data.fhir.writeback.clients[inp.client.id])
+		decide(inp).allow
 		decide(inp) == full_rules(inp)
 	}
 	not_short := [
@@ -164,9 +167,10 @@ test_short_path_is_the_full_path if {
 		create_by(writer, {"resourceType": "Basic"}),
 		object.union(create_by(writer, obs), {"entries": []}),
 		object.union(create_by(writer, obs), {"request": object.union(req("POST", "create", "Observation", null, {}), {"conditional": true})}),
+		bundle_by(writer, [entry("POST", "create", obs, null), entry("POST", "create", {"resourceType": "Basic"}, null)]),
+		bundle_by(scribe, [entry("POST", "create", tagged(obs, "t1"), null)]),
 	]
 	every inp in not_short {
-		not data.fhir.writeback.plain_write(inp, data.fhir.writeback.clients[inp.client.id])
 		decide(inp) == full_rules(inp)
 	}
 }

@@ -178,3 +178,30 @@ def test_inputs_the_engine_cannot_hold_exactly_are_refused(tmp_path):
         with pytest.raises(PolicyEvalError):
             p.evaluate(bad)
     assert p.evaluate({"client": {"id": "ok"}, "t": (1, 2)})["reasons"] == ["client ok"]
+
+
+def test_long_and_unusual_strings_are_read_back_exactly(tmp_path):
+    """Decision strings longer than the reader's reusable buffer, and every kind of scalar in
+    the input, come back as they went in."""
+    p = EmbeddedPolicy.load(write(tmp_path, {"p.rego": ECHO}), PATH)
+    for text in ["x" * 5000, "é" * 700, 'q"' * 600]:
+        assert p.evaluate({"client": {"id": text}})["reasons"] == ["client " + text]
+    src = 'package fhir.writeback\n\nimport rego.v1\n\ndecision := {"allow": false, "reasons": [], "echo": input}\n'
+    q = EmbeddedPolicy({"p.rego": src}, {}, PATH, "r", probe=False)
+    value = {"a": [1, -2, 2**62, 1.5, True, False, None, "s", [], {}], "b": {"c": ("t", 2)}, "d": [[[["deep"]]]]}
+    assert q.evaluate(value)["echo"] == {**value, "b": {"c": ["t", 2]}}
+
+
+def test_input_nesting_limit(tmp_path):
+    p = EmbeddedPolicy.load(write(tmp_path, {"p.rego": ECHO}), PATH)
+    ok: dict = {"client": {"id": "n"}}
+    node = ok
+    for _ in range(150):
+        node["x"] = {}
+        node = node["x"]
+    assert p.evaluate(ok)["reasons"] == ["client n"]
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(PolicyEvalError, match="nested too deeply"):
+        p.evaluate({"client": {"id": "n"}, "x": deep})

@@ -40,11 +40,11 @@ def _copy(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("file,old,new,expect_failing", [
     ("status.rego", "not v in rule.write", "v in rule.write", "test_drafting_client_writes_only_preliminary"),
-    ("tenancy.rego", "object.get(tag, \"code\", null) != tenant", "object.get(tag, \"code\", null) == tenant",
-     "test_result_must_carry_the_client_tenant"),
+    ("tenancy.rego", "codes - {tenant} != set()", "codes - {tenant} == set()", "test_result_must_carry_the_client_tenant"),
     ("review.rego", "high_impact_client(c, _) if automated(c)", "high_impact_client(c, _) if not automated(c)",
      "test_high_impact_write_by_automated_client_is_held"),
-    ("provenance.rego", "not agent_matches(c, prov)", "agent_matches(c, prov)", "test_provenance_agent_must_name_the_client"),
+    ("provenance.rego", "not agent_matches(agent_setting, ", "agent_matches(agent_setting, ",
+     "test_provenance_agent_must_name_the_client"),
     ("fields.rego", "k != \"resourceType\"", "k != \"nothing\"", "test_field_allow_list"),
     ("data.json", "\"write\": [\"preliminary\"]", "\"write\": [\"preliminary\", \"final\"]",
      "test_drafting_client_writes_only_preliminary"),

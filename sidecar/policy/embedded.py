@@ -16,6 +16,7 @@ caller keeps serving with the engine it has.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -35,7 +36,6 @@ from regopy.rego_shared import (
     rego_free_output,
     rego_get_error,
     rego_node_get,
-    rego_node_json,
     rego_node_size,
     rego_node_value,
     rego_output_node,
@@ -192,67 +192,129 @@ def compile_error_text(text: str, modules: dict[str, str]) -> str:
     return " ".join(text.split())[:300]
 
 
+# The input calls, as function objects of their own without argument types: ctypes then passes
+# a pointer object, bytes and C ints straight through instead of converting each argument
+# (about a tenth of the conversion time). 64-bit integers and doubles are wrapped explicitly.
+_RAW = ctypes.CDLL(rego._name)
+
+
+def _raw(name: str, restype: Any = ctypes.c_uint32) -> Any:
+    f = getattr(_RAW, name)
+    f.restype = restype
+    return f
+
+
 _NEW_INPUT = rego.regoNewInput
-_IN_INT, _IN_FLOAT, _IN_STR = rego.regoInputInt, rego.regoInputFloat, rego.regoInputString
-_IN_BOOL, _IN_NULL, _IN_ITEM = rego.regoInputBoolean, rego.regoInputNull, rego.regoInputObjectItem
-_IN_OBJ, _IN_ARR = rego.regoInputObject, rego.regoInputArray
+_IN_INT, _IN_FLOAT, _IN_STR = _raw("regoInputInt"), _raw("regoInputFloat"), _raw("regoInputString")
+_IN_BOOL, _IN_NULL, _IN_ITEM = _raw("regoInputBoolean"), _raw("regoInputNull"), _raw("regoInputObjectItem")
+_IN_OBJ, _IN_ARR = _raw("regoInputObject"), _raw("regoInputArray")
+_IN_VALIDATE, _IN_SIZE = _raw("regoInputValidate"), _raw("regoInputSize")
+_C_INT64, _C_DOUBLE, _C_PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+_MAX_DEPTH = 200
 
 
 def to_rego_input(value: Any) -> int:
     """A rego-cpp input term for a JSON value (dict/list/str/int/float/bool/None), built with
     rego-cpp's stack calls (regopy's `Input` does the same, about twice as slowly). A string
     holding NUL is refused: C strings would end there, and the policy must see the value the
-    upstream gets. The caller frees the term with `rego_free_input`."""
+    upstream gets. The caller frees the term with `rego_free_input`.
+
+    This is most of what a decision costs for a large bundle (every value is one or more calls
+    into rego-cpp), so the walk is written for speed: strings, the most common values, are pushed
+    inline; a call's status is checked once at the end (rego-cpp's input status is sticky: after
+    a failed call every later call fails, and validation reports it), plus the stack holding
+    exactly the one value."""
     term = _NEW_INPUT()
     if not term:
         raise PolicyEvalError("cannot create a policy input")
     try:
-        _push(term, value, 0)
+        handle = _C_PTR(term)
+        _push(handle, value, 0)
+        if _IN_VALIDATE(handle) != 0 or _IN_SIZE(handle) != 1:
+            raise PolicyEvalError("cannot create a policy input")
     except BaseException:
         rego_free_input(term)
         raise
     return term
 
 
-def _push(term: int, val: Any, depth: int) -> None:
+def _push(term: Any, val: Any, depth: int) -> None:
     t = type(val)
     if t is str:
         if "\x00" in val:
             raise PolicyEvalError("the policy input holds a NUL character")
-        rc = _IN_STR(term, val.encode("utf-8"))
+        _IN_STR(term, val.encode("utf-8"))
     elif t is dict:
-        if depth > 200:
-            raise PolicyEvalError("the policy input is nested too deeply")
-        for k, v in val.items():
-            if type(k) is not str:
-                raise PolicyEvalError("the policy input has a non-string key")
-            _push(term, k, depth)
-            _push(term, v, depth + 1)
-            if _IN_ITEM(term) != 0:
-                raise PolicyEvalError("cannot create a policy input")
-        rc = _IN_OBJ(term, len(val))
+        _push_dict(term, val, depth)
     elif t is list or t is tuple:
-        if depth > 200:
-            raise PolicyEvalError("the policy input is nested too deeply")
-        for x in val:
-            _push(term, x, depth + 1)
-        rc = _IN_ARR(term, len(val))
-    elif t is bool:
-        rc = _IN_BOOL(term, val)
+        _push_list(term, val, depth)
+    else:
+        _push_scalar(term, val, t)
+
+
+def _push_dict(term: Any, obj: dict[Any, Any], depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise PolicyEvalError("the policy input is nested too deeply")
+    depth += 1
+    push_str, item = _IN_STR, _IN_ITEM
+    for k, v in obj.items():
+        if type(k) is not str:
+            raise PolicyEvalError("the policy input has a non-string key")
+        if "\x00" in k:
+            raise PolicyEvalError("the policy input holds a NUL character")
+        push_str(term, k.encode("utf-8"))
+        t = type(v)
+        if t is str:
+            if "\x00" in v:
+                raise PolicyEvalError("the policy input holds a NUL character")
+            push_str(term, v.encode("utf-8"))
+        elif t is dict:
+            _push_dict(term, v, depth)
+        elif t is list or t is tuple:
+            _push_list(term, v, depth)
+        else:
+            _push_scalar(term, v, t)
+        item(term)
+    if _IN_OBJ(term, len(obj)) != 0:
+        raise PolicyEvalError("cannot create a policy input")
+
+
+def _push_list(term: Any, arr: list[Any] | tuple[Any, ...], depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise PolicyEvalError("the policy input is nested too deeply")
+    depth += 1
+    push_str = _IN_STR
+    for v in arr:
+        t = type(v)
+        if t is str:
+            if "\x00" in v:
+                raise PolicyEvalError("the policy input holds a NUL character")
+            push_str(term, v.encode("utf-8"))
+        elif t is dict:
+            _push_dict(term, v, depth)
+        elif t is list or t is tuple:
+            _push_list(term, v, depth)
+        else:
+            _push_scalar(term, v, t)
+    if _IN_ARR(term, len(arr)) != 0:
+        raise PolicyEvalError("cannot create a policy input")
+
+
+def _push_scalar(term: Any, val: Any, t: type) -> None:
+    if t is bool:
+        _IN_BOOL(term, 1 if val else 0)
     elif val is None:
-        rc = _IN_NULL(term)
+        _IN_NULL(term)
     elif t is int:
         if not -(2**63) <= val < 2**63:
             raise PolicyEvalError("the policy input holds an integer out of range")
-        rc = _IN_INT(term, val)
+        _IN_INT(term, _C_INT64(val))
     elif t is float:
         if not math.isfinite(val):
             raise PolicyEvalError("the policy input holds a non-finite number")
-        rc = _IN_FLOAT(term, val)
+        _IN_FLOAT(term, _C_DOUBLE(val))
     else:
         raise PolicyEvalError(f"the policy input holds a {t.__name__}")
-    if rc != 0:
-        raise PolicyEvalError("cannot create a policy input")
 
 
 def _short(text: str) -> str:
@@ -290,60 +352,82 @@ def _error_text(out: Any) -> str:
         return "(no error text)"
 
 
+_NODE_TYPE, _NODE_SIZE, _NODE_GET = rego.regoNodeType, rego.regoNodeSize, rego.regoNodeGet
+_NODE_JSON, _NODE_JSON_SIZE = rego.regoNodeJSON, rego.regoNodeJSONSize
+_K_TERM, _K_SCALAR, _K_OBJECT, _K_ITEM = int(NodeKind.Term), int(NodeKind.Scalar), int(NodeKind.Object), int(NodeKind.ObjectItem)
+_K_ARRAY, _K_SET, _K_STRING, _K_TRUE = int(NodeKind.Array), int(NodeKind.Set), int(NodeKind.String), int(NodeKind.True_)
+_K_FALSE, _K_NULL, _K_INT, _K_FLOAT = int(NodeKind.False_), int(NodeKind.Null), int(NodeKind.Int), int(NodeKind.Float)
+_K_RESULTS, _K_TERMS, _K_UNDEFINED = int(NodeKind.Results), int(NodeKind.Terms), int(NodeKind.Undefined)
+_TEXT = threading.local()  # a reusable buffer per thread for node texts (most fit in it)
+
+
+def _node_text(node: Any) -> str:
+    """rego-cpp's JSON text of a node (for a string: its quoted, unescaped text)."""
+    buf = getattr(_TEXT, "buf", None)
+    if buf is None:
+        buf = _TEXT.buf = ctypes.create_string_buffer(1024)
+    if _NODE_JSON(node, buf, 1024) != 0:  # longer than the buffer: ask for the size
+        size = _NODE_JSON_SIZE(node)
+        buf = ctypes.create_string_buffer(size)
+        if _NODE_JSON(node, buf, size) != 0:
+            raise PolicyEvalError("cannot read the policy decision")
+    return buf.value.decode("utf-8")
+
+
 def _decision_value(root: Any) -> Any:
     """Results -> one Result -> Terms -> the value. Anything else is undefined or ambiguous."""
-    kind = rego.regoNodeType(root)
-    if kind == NodeKind.Undefined:
+    kind = _NODE_TYPE(root)
+    if kind == _K_UNDEFINED:
         raise PolicyEvalError("policy decision undefined")
-    if kind != NodeKind.Results or rego_node_size(root) != 1:
+    if kind != _K_RESULTS or _NODE_SIZE(root) != 1:
         raise PolicyEvalError("policy decision undefined or ambiguous")
-    result = rego_node_get(root, 0)
-    for i in range(rego_node_size(result)):
-        child = rego_node_get(result, i)
-        if rego.regoNodeType(child) == NodeKind.Terms:
-            if rego_node_size(child) != 1:
+    result = _NODE_GET(root, 0)
+    for i in range(_NODE_SIZE(result)):
+        child = _NODE_GET(result, i)
+        if _NODE_TYPE(child) == _K_TERMS:
+            if _NODE_SIZE(child) != 1:
                 raise PolicyEvalError("policy decision undefined or ambiguous")
-            return _node_value(rego_node_get(child, 0), 0)
+            return _node_value(_NODE_GET(child, 0), 0)
     raise PolicyEvalError("policy decision undefined")
 
 
 def _node_value(node: Any, depth: int) -> Any:
     if depth > 64:
         raise PolicyEvalError("policy decision nested too deeply")
-    kind = rego.regoNodeType(node)
-    if kind in (NodeKind.Term, NodeKind.Scalar):
-        if rego_node_size(node) != 1:
-            raise PolicyEvalError("unexpected policy result node")
-        return _node_value(rego_node_get(node, 0), depth + 1)
-    if kind == NodeKind.Object:
-        obj: dict[str, Any] = {}
-        for i in range(rego_node_size(node)):
-            item = rego_node_get(node, i)
-            if rego.regoNodeType(item) != NodeKind.ObjectItem or rego_node_size(item) != 2:
-                raise PolicyEvalError("unexpected policy result node")
-            key = _node_value(rego_node_get(item, 0), depth + 1)
-            if not isinstance(key, str) or key in obj:
-                raise PolicyEvalError("policy decision has a non-string or repeated key")
-            obj[key] = _node_value(rego_node_get(item, 1), depth + 1)
-        return obj
-    if kind in (NodeKind.Array, NodeKind.Set):
-        return [_node_value(rego_node_get(node, i), depth + 1) for i in range(rego_node_size(node))]
-    if kind == NodeKind.String:
+    kind = _NODE_TYPE(node)
+    if kind == _K_STRING:
         # rego-cpp keeps a string as its quoted, unescaped text: drop the quotes, keep the rest
-        text = rego_node_json(node)
+        text = _node_text(node)
         if len(text) < 2 or text[0] != '"' or text[-1] != '"':
             raise PolicyEvalError("unexpected policy string node")
         return text[1:-1]
-    if kind == NodeKind.True_:
+    if kind == _K_OBJECT:
+        obj: dict[str, Any] = {}
+        for i in range(_NODE_SIZE(node)):
+            item = _NODE_GET(node, i)
+            if _NODE_TYPE(item) != _K_ITEM or _NODE_SIZE(item) != 2:
+                raise PolicyEvalError("unexpected policy result node")
+            key = _node_value(_NODE_GET(item, 0), depth + 1)
+            if not isinstance(key, str) or key in obj:
+                raise PolicyEvalError("policy decision has a non-string or repeated key")
+            obj[key] = _node_value(_NODE_GET(item, 1), depth + 1)
+        return obj
+    if kind == _K_ARRAY or kind == _K_SET:
+        return [_node_value(_NODE_GET(node, i), depth + 1) for i in range(_NODE_SIZE(node))]
+    if kind == _K_TRUE:
         return True
-    if kind == NodeKind.False_:
+    if kind == _K_FALSE:
         return False
-    if kind == NodeKind.Null:
+    if kind == _K_NULL:
         return None
-    if kind == NodeKind.Int:
-        return int(rego_node_json(node))
-    if kind == NodeKind.Float:
-        return float(rego_node_json(node))
+    if kind == _K_TERM or kind == _K_SCALAR:
+        if _NODE_SIZE(node) != 1:
+            raise PolicyEvalError("unexpected policy result node")
+        return _node_value(_NODE_GET(node, 0), depth + 1)
+    if kind == _K_INT:
+        return int(_node_text(node))
+    if kind == _K_FLOAT:
+        return float(_node_text(node))
     raise PolicyEvalError(f"unexpected policy result node kind {kind}")
 
 
