@@ -251,3 +251,29 @@ def write_decision_for(directory: Path = POLICIES) -> None:
 
 if __name__ == "__main__":
     write_decision_for()
+
+
+def test_a_bundles_entry_resources_are_in_entries_only():
+    import json as _json
+
+    from sidecar.classify import classify
+    from sidecar.identity import Principal
+    from sidecar.parse import parse_request
+    from sidecar.request import RawRequest
+    from sidecar.scopes import ScopeSet
+
+    base, upstream = "/fhir/R4", "http://127.0.0.1:9/fhir/R4"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:00000000-0000-4000-8000-00000000000{i}", "resource": dict(OBS),
+         "request": {"method": "POST", "url": "Observation"}} for i in range(3)]}
+    raw = RawRequest(method="POST", target=base.encode(), headers=(("content-type", "application/fhir+json"),),
+                     body=_json.dumps(bundle).encode(), host="127.0.0.1:8080")
+    req = parse_request(raw, base_path=base, max_body_bytes=1 << 20, upstream_base=upstream)
+    who = Principal(client_id="demo-writer", auth="api-key", tenant="t1",
+                    scopes=ScopeSet.from_strings(["system/Observation.c"]))
+    doc = build_input(req, classify(req, upstream_base=upstream), who, shadow=False)
+    assert [e["resource"] for e in doc["entries"]] == [OBS] * 3
+    assert doc["resource"]["entry"] == [{k: v for k, v in e.items() if k != "resource"} for e in bundle["entry"]]
+    assert doc["resource"]["type"] == "transaction"
+    assert req.body["entry"][0]["resource"] == OBS  # what is forwarded is untouched
+    assert EmbeddedPolicy.load(POLICIES, PATH).evaluate(doc)["allow"]
