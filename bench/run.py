@@ -41,7 +41,43 @@ WRITE_PATH = "/fhir/R4/Observation"
 WRITE_BODY = (b'{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org",'
               b'"code":"8867-4"}]},"valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org",'
               b'"code":"/min"}}')
+UPDATE_PATH = READ_PATH  # PUT of the Observation the read row reads: its prior-state read is that GET
+UPDATE_BODY = (b'{"resourceType":"Observation","id":"1","status":"final","code":{"coding":[{"system":"http://loinc.org",'
+               b'"code":"8867-4"}]},"subject":{"reference":"Patient/example"},"valueQuantity":{"value":74,"unit":"/min",'
+               b'"system":"http://unitsofmeasure.org","code":"/min"}}')
+BASE_PATH = "/fhir/R4"    # transactions are POSTed to the base
+MAX_BODY_BYTES = 5 * 1024 * 1024  # fhir.max_body_bytes in the sidecar configs (the default, written out)
+TRANSACTION_SIZES = (10, 100, 1000)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def transaction_body(n: int) -> bytes:
+    """A transaction Bundle of `n` Observation creates (the write body above, each with its own urn:uuid)."""
+    obs = json.loads(WRITE_BODY)
+    entries = [{"fullUrl": f"urn:uuid:00000000-0000-4000-8000-{i:012d}", "resource": obs,
+                "request": {"method": "POST", "url": "Observation"}} for i in range(n)]
+    return json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries},
+                      separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a row sends: one request, repeated by wrk (bench/wrk.lua) on keep-alive connections."""
+    name: str            # "read" | "create" | "update" | "tx10" | "tx100" | "tx1000"
+    method: str
+    path: str
+    body: bytes | None
+    status: int          # what the sanity check expects
+
+
+KINDS = {
+    "read": Kind("read", "GET", READ_PATH, None, 200),
+    "create": Kind("create", "POST", WRITE_PATH, WRITE_BODY, 201),
+    "update": Kind("update", "PUT", UPDATE_PATH, UPDATE_BODY, 200),
+    **{f"tx{n}": Kind(f"tx{n}", "POST", BASE_PATH, transaction_body(n), 200) for n in TRANSACTION_SIZES},
+}
+KIND_OF_METHOD = {"GET": "read", "POST": "create", "PUT": "update"}
+assert all(k.body is None or len(k.body) < MAX_BODY_BYTES for k in KINDS.values()), "a body over fhir.max_body_bytes"
 
 # The upstream's canned read: a ~1 KB Observation (no `$` or `'`: it sits in an nginx file, not a string).
 OBSERVATION = {
@@ -94,7 +130,18 @@ http {{
         location = /fhir/R4/Observation/1 {{
             types {{ }}
             default_type application/fhir+json;
+            # PUT (the update row): the static module refuses it (405) and it is answered as the GET of the
+            # same file, so nginx's own If-Match check -- the sidecar forwards the ETag it read first -- passes
+            error_page 405 =200 /fhir/R4/Observation/1;
             try_files /observation-1.json =404;
+        }}
+        location = /fhir/R4 {{
+            client_max_body_size 64m;
+            client_body_buffer_size 2m;
+            if ($request_method = POST) {{
+                return 200 '{{"resourceType":"Bundle","type":"transaction-response","entry":[]}}';
+            }}
+            return 405;
         }}
         location = /fhir/R4/Observation {{
             if ($request_method = POST) {{
@@ -119,6 +166,7 @@ clients:
     api_key_sha256: "{key_sha}"
     scopes: [system/Observation.cruds]
 policy: {policy}
+fhir: {{version: R4, max_body_bytes: {max_body}}}
 killswitch: {{file: "{state}/killswitch"}}
 audit: {{path: "{audit_dir}/audit.jsonl", key: "env:FHIR_SIDECAR_AUDIT_KEY"}}
 state: {{store: "sqlite:{state}/state.db"}}
@@ -126,9 +174,16 @@ state: {{store: "sqlite:{state}/state.db"}}
 
 
 READS, WRITES = "sidecar reads (GET)", "sidecar writes (POST, full enforcement)"
+PURE = "sidecar pure proxy (GET, policy off, no request log)"
+PURE_PROXY_LOG_LEVEL = "warning"
+UPDATES = "sidecar updates (PUT, full enforcement)"
 WRITES_OFF = "sidecar writes (POST, policy off)"
 WRITES_RAM = "sidecar writes (POST, full, audit on RAM fs)"
 WRITES_OFF_RAM = "sidecar writes (POST, policy off, audit on RAM fs)"
+
+
+def transactions_label(n: int) -> str:
+    return f"sidecar transactions ({n} entries, full enforcement)"
 
 
 class BenchError(RuntimeError):
@@ -328,16 +383,21 @@ def tcp_open(port: int) -> bool:
 
 @dataclass
 class Target:
-    """One proxy under test, and the method it is driven with."""
+    """One proxy under test, and the request it is driven with."""
     label: str
-    proxy: str          # "mitmdump" | "sidecar" | "sidecar-policy-off"
-    method: str         # "GET" | "POST"
+    proxy: str          # "mitmdump" | "lean-mitmproxy" | "sidecar" | "sidecar-policy-off" | "sidecar-pure-proxy" | ...
+    method: str         # "GET" | "POST" | "PUT"
     port: int
     pid: int
     baseline: str | None = None  # the label of the stock row this one is compared with
     admin: int | None = None      # a sidecar's admin port: /metrics gives the audit batches per round
     rounds: list[dict] = field(default_factory=list)
     refusal_sample: str | None = None  # what one request got after non-2xx answers showed up under load
+    kind: str = ""      # a key of KINDS; "" = by method (GET read, POST create, PUT update)
+
+    @property
+    def request(self) -> Kind:
+        return KINDS[self.kind or KIND_OF_METHOD[self.method]]
 
 
 def start_nginx(procs: Processes, tmp: Path) -> int:
@@ -355,10 +415,21 @@ def start_nginx(procs: Processes, tmp: Path) -> int:
     st, h, body = http("GET", f"http://127.0.0.1:{port}{READ_PATH}")
     if st != 200 or not h.get("content-type", "").startswith("application/fhir+json"):
         raise BenchError(f"nginx GET: {st} {h.get('content-type')}")
+    etag = h.get("etag")
+    if not etag or etag.startswith("W/"):
+        raise BenchError(f"nginx GET: ETag {etag!r}, expected a strong one (the update row's prior read)")
     st, h, body = http("POST", f"http://127.0.0.1:{port}{WRITE_PATH}", {"Content-Type": "application/fhir+json"},
                        WRITE_BODY)
     if st != 201 or "location" not in h:
         raise BenchError(f"nginx POST: {st} {h} {body[:200]!r}")
+    st, h, body = http("PUT", f"http://127.0.0.1:{port}{UPDATE_PATH}", {"Content-Type": "application/fhir+json",
+                                                                        "If-Match": etag}, UPDATE_BODY)
+    if st != 200:
+        raise BenchError(f"nginx PUT: {st} {h} {body[:200]!r}")
+    st, h, body = http("POST", f"http://127.0.0.1:{port}{BASE_PATH}", {"Content-Type": "application/fhir+json"},
+                       KINDS[f"tx{TRANSACTION_SIZES[-1]}"].body)
+    if st != 200 or b"transaction-response" not in body:
+        raise BenchError(f"nginx transaction POST: {st} {h} {body[:200]!r}")
     log(f"nginx on 127.0.0.1:{port} (pid {nginx.pid}), read body {len(json.dumps(OBSERVATION))} bytes")
     return port
 
@@ -404,7 +475,8 @@ def make_policy_dir(tmp: Path) -> Path:
 
 
 def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_key: str, policy_dir: Path | None,
-                  audit_key: str, args: argparse.Namespace, audit_dir: Path | None = None) -> tuple[int, int, Proc]:
+                  audit_key: str, args: argparse.Namespace, audit_dir: Path | None = None,
+                  log_level: str | None = None) -> tuple[int, int, Proc]:
     """One sidecar; everything in tmp/<name>, the audit log too unless `audit_dir` (the RAM-fs rows)."""
     state = tmp / name
     state.mkdir()
@@ -420,10 +492,11 @@ def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_k
     # as upstream failures opens its breaker (503s for the next round): --breaker-threshold works around it
     extra = f"breaker: {{threshold: {args.breaker_threshold}}}\n" if args.breaker_threshold else ""
     cfg.write_text(SIDECAR_CONF.format(nginx=nginx_port, port=port, admin=admin, state=state, policy=policy,
-                                       audit_dir=audit_dir, key_sha=hashlib.sha256(api_key.encode()).hexdigest(), extra=extra))
+                                       audit_dir=audit_dir, key_sha=hashlib.sha256(api_key.encode()).hexdigest(),
+                                       max_body=MAX_BODY_BYTES, extra=extra))
     env = dict(os.environ, FHIR_SIDECAR_AUDIT_KEY=audit_key)
-    p = procs.start(name, [venv_bin("fhir-sidecar"), "run", "--config", str(cfg), "--log-level", args.log_level], tmp,
-                    env=env)
+    p = procs.start(name, [venv_bin("fhir-sidecar"), "run", "--config", str(cfg), "--log-level",
+                           log_level or args.log_level], tmp, env=env)
 
     def ready() -> bool:
         return http("GET", f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200
@@ -434,22 +507,25 @@ def start_sidecar(procs: Processes, tmp: Path, name: str, nginx_port: int, api_k
 
 
 def one_request(t: Target, api_key: str) -> tuple[int, dict[str, str], bytes]:
-    url = f"http://127.0.0.1:{t.port}{READ_PATH if t.method == 'GET' else WRITE_PATH}"
-    if t.method == "GET":
-        return http("GET", url, {"X-API-Key": api_key})
-    return http("POST", url, {"X-API-Key": api_key, "Content-Type": "application/fhir+json"}, WRITE_BODY)
+    k = t.request
+    url = f"http://127.0.0.1:{t.port}{k.path}"
+    if k.body is None:
+        return http(k.method, url, {"X-API-Key": api_key}, timeout=60)
+    return http(k.method, url, {"X-API-Key": api_key, "Content-Type": "application/fhir+json"}, k.body, timeout=60)
 
 
 def sanity_check(t: Target, api_key: str) -> None:
     """One request per target before measuring: a benchmark of refusals is worthless."""
     st, h, body = one_request(t, api_key)
-    want = 200 if t.method == "GET" else 201
+    want = t.request.status
     if st != want:
         raise BenchError(f"sanity check failed for {t.label}: {t.method} answered {st}, expected {want}\n"
                          f"headers: {h}\nbody: {body[:2000].decode(errors='replace')}")
     info = f"{st}, {len(body)} bytes"
-    if t.method == "POST":
+    if t.request.name == "create":
         info += f", Location: {h.get('location')}"
+    elif t.request.body is not None:
+        info += f", {len(t.request.body)} bytes sent"
     log(f"sanity ok: {t.label}: {info}")
 
 
@@ -460,12 +536,18 @@ def probe(t: Target, api_key: str) -> str:
 
 # -- load ------------------------------------------------------------------------------------------
 
+BODY_FILES: dict[str, Path] = {}  # request kind -> its body in the temp dir, for wrk.lua
+
+
 def run_wrk(t: Target, api_key: str, connections: int, threads: int, duration: float) -> dict:
-    url = f"http://127.0.0.1:{t.port}{READ_PATH if t.method == 'GET' else WRITE_PATH}"
+    k = t.request
+    url = f"http://127.0.0.1:{t.port}{k.path}"
     threads = max(1, min(threads, connections))
     argv = [find_exe("wrk") or "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
-            "--latency", "--timeout", "10s", "-H", f"X-API-Key: {api_key}", "-s", str(WRK_LUA), url]
-    env = dict(os.environ, BENCH_WRITE="1" if t.method == "POST" else "0")
+            "--latency", "--timeout", "30s", "-H", f"X-API-Key: {api_key}", "-s", str(WRK_LUA), url]
+    env = dict(os.environ, BENCH_WRITE="1" if k.name == "create" else "0", BENCH_METHOD=k.method)
+    if k.body is not None and k.name != "create":
+        env["BENCH_BODY_FILE"] = str(BODY_FILES[k.name])
     m0 = audit_metrics(t)
     split0 = cpu_split(t.pid)
     cpu0 = cpu_seconds(t.pid)
@@ -516,7 +598,7 @@ def summarize(t: Target) -> dict:
     rs = t.rounds
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     return {
-        "label": t.label, "proxy": t.proxy, "method": t.method, "rounds": len(rs),
+        "label": t.label, "proxy": t.proxy, "method": t.method, "request": t.request.name, "rounds": len(rs),
         "rps_median": med([r["rps"] for r in rs]),
         "rps_all": [round(r["rps"], 1) for r in rs],
         "p50_ms": med([r["latency_us"]["p50"] / 1000 for r in rs]),
@@ -536,17 +618,20 @@ def summarize(t: Target) -> dict:
 
 def print_table(conns: int, rows: list[dict]) -> None:
     by_label = {r["label"]: r for r in rows}
-    head = f"{'c=' + str(conns):<6}{'row':<52}{'req/s':>9}{'vs stock':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
+    head = (f"{'c=' + str(conns):<6}{'row':<56}{'req/s':>9}{'vs stock':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
+            f"{'CPU vs stock':>14}")
     print(head)
     print("-" * len(head))
     for r in rows:
         base = by_label.get(r["baseline"]) if r.get("baseline") else None
         ratio = f"{r['rps_median'] / base['rps_median']:.2f}x" if base and base["rps_median"] else "1.00x"
         cpu = f"{r['cpu_s_per_req'] * 1e6:.0f}" if r["cpu_s_per_req"] is not None else "-"
+        cpu_ratio = (f"{base['cpu_s_per_req'] / r['cpu_s_per_req']:.2f}x" if base and base["cpu_s_per_req"]
+                     and r["cpu_s_per_req"] else "1.00x" if base is None else "-")
         flag = "" if not (r["non_2xx_or_3xx"] or r["socket_errors"]) else \
             f"  !! {r['non_2xx_or_3xx']} non-2xx, {r['socket_errors']} socket errors"
-        print(f"{'':<6}{r['label']:<52}{r['rps_median']:>9.0f}{ratio:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-              f"{cpu:>12}{flag}")
+        print(f"{'':<6}{r['label']:<56}{r['rps_median']:>9.0f}{ratio:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+              f"{cpu:>12}{cpu_ratio:>14}{flag}")
     print()
 
 
@@ -568,7 +653,9 @@ BUCKETS = (
     ("embedded Rego (EmbeddedPolicy.evaluate, regopy)", ("EmbeddedPolicy.", "regopy/")),
     ("audit records (AuditWriter.append: seal, HMAC, JCS)", ("AuditWriter.append (", "AuditWriter._enqueue (")),
     ("FHIR validation (guards.check_valid)", ("check_valid (",)),
-    ("own upstream client for writes (sidecar/upstream.py, httpx)", ("sidecar/upstream.py", "httpx/", "httpcore/")),
+    ("prior-state read before an update (sidecar/prior.py, httpx)", ("sidecar/prior.py",)),
+    ("own upstream client (sidecar/upstream_fast.py; sidecar/upstream.py, httpx)",
+     ("sidecar/upstream_fast.py", "sidecar/upstream.py", "httpx/", "httpcore/")),
     ("state store (breaker, rate limits, receipts)", ("sidecar/state/", "sidecar/breaker.py", "sidecar/ratelimit.py",
                                                       "sidecar/idempotency.py")),
     ("fail-closed placeholder responses (Response.make in the request hook)", ("refusal_response (",)),
@@ -582,7 +669,7 @@ def profile(t: Target, api_key: str, connections: int, threads: int, seconds: in
     """py-spy (blocking sampling, so stacks are exact) under wrk load. Percentages are of the
     event-loop thread's samples: that thread is the bottleneck (it runs at ~100% of a core)."""
     py_spy = ensure_py_spy()
-    raw = tmp / f"py-spy-{t.proxy}-{t.method}.txt"
+    raw = tmp / f"py-spy-{t.proxy}-{t.request.name}.txt"
     spy = subprocess.Popen([py_spy, "record", "--pid", str(t.pid), "--duration", str(seconds), "--rate", "100",
                             "--threads", "--format", "raw", "--output", str(raw)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -808,7 +895,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load per row first (default 2)")
     p.add_argument("--quick", action="store_true", help="3 s rounds, 1 s warm-up, 500 policy rounds")
     p.add_argument("--all", action="store_true",
-                   help="every measurement: --audit-cost --policy-latency, at c=1 and c=8 unless --connections")
+                   help="every measurement: --audit-cost --policy-latency --transactions, at c=1, 8 and 32 unless "
+                        "--connections")
     p.add_argument("--audit-cost", action="store_true",
                    help="issue #4: both write rows again with the audit log on a RAM fs, the fsync "
                         "micro-benchmark, and the PASS/MISS lines (c=8 is added to --connections)")
@@ -825,18 +913,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference rows (lean mitmproxy without the sidecar addon)")
+    p.add_argument("--transactions", action="store_true",
+                   help=f"add the transaction rows: Bundles of {'/'.join(map(str, TRANSACTION_SIZES))} Observation "
+                        "creates POSTed to the base, stock and sidecar (full enforcement); part of --all")
+    p.add_argument("--no-update", action="store_true", help="skip the update rows (PUT, stock and sidecar)")
+    p.add_argument("--no-pure-proxy", action="store_true", help="skip the pure-proxy row (and its sidecar)")
     p.add_argument("--no-install", action="store_true", help="never apt-get nginx-light/wrk")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (process logs, configs, audit file)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     a = p.parse_args(argv)
     if a.all:
-        a.audit_cost = a.policy_latency = True
+        a.audit_cost = a.policy_latency = a.transactions = True
     if a.quick:
         a.duration, a.warmup = 3, 1
         if a.policy_rounds == 2000:
             a.policy_rounds = 500
     if a.connections is None:
-        a.connections = "1,8" if a.all else "8"
+        a.connections = "1,8,32" if a.all else "8"
     try:
         a.connections = [int(c) for c in str(a.connections).split(",") if c.strip()]
     except ValueError:
@@ -891,7 +984,8 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes, cleanups: list) 
                 "mitmdump": tool_version([venv_bin("mitmdump"), "--version"]), "sidecar": git_revision()}
     api_key = "bench-" + secrets.token_urlsafe(24)
     settings = ("connections", "threads", "rounds", "duration", "warmup", "log_level", "no_reference",
-                "breaker_threshold", "audit_cost", "policy_latency", "policy_rounds", "fsync_iterations")
+                "breaker_threshold", "audit_cost", "policy_latency", "policy_rounds", "fsync_iterations",
+                "transactions", "no_update", "no_pure_proxy")
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
                      "versions": versions, "settings": {k: getattr(args, k) for k in settings}}
 
@@ -921,9 +1015,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes, cleanups: list) 
     print(flush=True)
 
     results["runs"] = [measure(args, targets, api_key, conns) for conns in args.connections]
-    ratios = ", ".join(f"{r['ratio_vs_stock']:.2f}x at c={run['connections']}" for run in results["runs"]
-                       for r in run["rows"] if r["label"] == READS)
-    print(f"target (reported, not asserted): sidecar reads >= 1.30x stock mitmdump; measured {ratios}")
+    results["targets"] = report_targets(results["runs"])
     print()
     if args.audit_cost:
         fsync_runs.append(run_fsync({"disk": tmp, "ram": ram.path}, args.fsync_iterations, "after"))
@@ -962,12 +1054,20 @@ def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key
     """nginx, then every proxy in front of it; the rows in the order they are measured and printed."""
     audit_key = secrets.token_urlsafe(48)  # 64 chars
     nginx_port = start_nginx(procs, tmp)
+    for name, k in KINDS.items():  # wrk.lua reads the bodies it sends from files
+        if k.body is not None:
+            BODY_FILES[name] = tmp / f"body-{name}.json"
+            BODY_FILES[name].write_bytes(k.body)
     mitm_port, mitm = start_mitmdump(procs, tmp, nginx_port)
     lean = None if args.no_reference else start_lean(procs, tmp, nginx_port)
     policy_dir = make_policy_dir(tmp)
     sc_port, sc_admin, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args)
     off_port, off_admin, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key,
                                              args)
+    pure = None
+    if not args.no_pure_proxy:  # policy off and no per-request log line: see bench/README.md, "pure proxy"
+        pure = start_sidecar(procs, tmp, "sidecar-pure-proxy", nginx_port, api_key, None, audit_key, args,
+                             log_level=PURE_PROXY_LOG_LEVEL)
     ram_rows: dict[str, Target] = {}
     if ram is not None:  # --audit-cost: the same two sidecars with their audit log on a RAM filesystem
         for label, name, pdir in ((WRITES_RAM, "sidecar-ram-audit", policy_dir),
@@ -984,6 +1084,8 @@ def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key
                                   lean[1].pid, stock))
         if method == "GET":
             targets.append(Target(READS, "sidecar", "GET", sc_port, sc.pid, stock, sc_admin))
+            if pure is not None:
+                targets.append(Target(PURE, "sidecar-pure-proxy", "GET", pure[0], pure[2].pid, stock, pure[1]))
         else:  # each (b) row right after its (a) row: measured back to back in every round
             targets.append(Target(WRITES, "sidecar", "POST", sc_port, sc.pid, stock, sc_admin))
             if WRITES_RAM in ram_rows:
@@ -991,6 +1093,16 @@ def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key
             targets.append(Target(WRITES_OFF, "sidecar-policy-off", "POST", off_port, off.pid, stock, off_admin))
             if WRITES_OFF_RAM in ram_rows:
                 targets.append(ram_rows[WRITES_OFF_RAM])
+    if not args.no_update:
+        stock = "stock mitmdump passthrough (PUT)"
+        targets.append(Target(stock, "mitmdump", "PUT", mitm_port, mitm.pid, kind="update"))
+        targets.append(Target(UPDATES, "sidecar", "PUT", sc_port, sc.pid, stock, sc_admin, kind="update"))
+    if args.transactions:
+        for n in TRANSACTION_SIZES:
+            stock = f"stock mitmdump passthrough (transaction, {n})"
+            targets.append(Target(stock, "mitmdump", "POST", mitm_port, mitm.pid, kind=f"tx{n}"))
+            targets.append(Target(transactions_label(n), "sidecar", "POST", sc_port, sc.pid, stock, sc_admin,
+                                  kind=f"tx{n}"))
     return targets
 
 
@@ -1015,6 +1127,8 @@ def measure(args: argparse.Namespace, targets: list[Target], api_key: str, conns
     for r in rows:
         base = by_label.get(r["baseline"]) if r["baseline"] else None
         r["ratio_vs_stock"] = (r["rps_median"] / base["rps_median"]) if base and base["rps_median"] else 1.0
+        r["cpu_ratio_vs_stock"] = (base["cpu_s_per_req"] / r["cpu_s_per_req"]) if base and base["cpu_s_per_req"] \
+            and r["cpu_s_per_req"] else (1.0 if base is None else None)
     print_table(conns, rows)
     for r in rows:
         lo, hi = min(r["rps_all"]), max(r["rps_all"])
@@ -1025,6 +1139,41 @@ def measure(args: argparse.Namespace, targets: list[Target], api_key: str, conns
             log(f"WARNING: {r['label']}: {r['non_2xx_or_3xx']} non-2xx/3xx answers and {r['socket_errors']} "
                 "socket errors during measurement")
     return {"connections": conns, "rows": rows, "raw": {t.label: t.rounds for t in targets}}
+
+
+# The speed targets (reported, not asserted): (row, minimum ratio vs its stock row)
+RATIO_TARGETS = ((READS, 1.30), (WRITES, 0.80), (PURE, 1.50))
+ADDED_P50_TARGET_MS = 0.8   # enforced creates at c=1: p50(sidecar) - p50(stock POST)
+
+
+def report_targets(runs: list[dict]) -> list[dict]:
+    """One line per target and connection count: the ratio by throughput and by CPU µs/req (the steadier
+    figure on a shared machine), and the added p50 of enforced creates at c=1."""
+    out = []
+    for run in runs:
+        c = run["connections"]
+        by = {r["label"]: r for r in run["rows"]}
+        for label, target in RATIO_TARGETS:
+            r = by.get(label)
+            base = by.get(r["baseline"]) if r else None
+            if not r or not base:
+                continue
+            cpu = (base["cpu_s_per_req"] / r["cpu_s_per_req"]) if r["cpu_s_per_req"] and base["cpu_s_per_req"] else None
+            rec = {"target": f"{label} >= {target:.2f}x stock", "connections": c, "ratio": r["ratio_vs_stock"],
+                   "cpu_ratio": cpu, "pass": r["ratio_vs_stock"] >= target}
+            out.append(rec)
+            print(f"target c={c}: {label} >= {target:.2f}x stock: {r['ratio_vs_stock']:.2f}x by req/s"
+                  + (f", {cpu:.2f}x by CPU µs/req" if cpu else "") + f"  {'PASS' if rec['pass'] else 'MISS'}")
+        if c == 1 and WRITES in by and by[WRITES]["baseline"] in by:
+            added = by[WRITES]["p50_ms"] - by[by[WRITES]["baseline"]]["p50_ms"]
+            rec = {"target": f"added p50 of enforced creates at c=1 <= {ADDED_P50_TARGET_MS} ms", "connections": 1,
+                   "added_p50_ms": added, "pass": added <= ADDED_P50_TARGET_MS}
+            out.append(rec)
+            print(f"target c=1: added p50 of enforced creates <= {ADDED_P50_TARGET_MS} ms vs stock: {added:+.2f} ms "
+                  f"({by[WRITES]['p50_ms']:.2f} - {by[by[WRITES]['baseline']]['p50_ms']:.2f})  "
+                  f"{'PASS' if rec['pass'] else 'MISS'}")
+    print("(targets are reported, not asserted: the exit status does not depend on them)")
+    return out
 
 
 def print_profile(prof: dict, conns: int) -> None:

@@ -1,4 +1,5 @@
-"""Micro-benchmark: client CPU per POST, httpx UpstreamClient vs FastUpstreamClient (asyncio + h11).
+"""Micro-benchmark: client CPU per POST, httpx UpstreamClient vs FastUpstreamClient (asyncio streams, its own
+HTTP/1.1 serialiser and parser, h11 for the unusual answers).
 
     .venv/bin/python bench/upstream_client.py [--requests 2000] [--rounds 3] [--no-tls]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import datetime, timezone
 import time
 import uuid
@@ -19,12 +20,13 @@ from typing import Callable
 from typing import Any
 
 from mitmproxy import http, tls
+from mitmproxy.net.http import status_codes
 from OpenSSL import crypto
 
 from sidecar.context_guard import read_body_confined
 from sidecar.errors import Refusal, deny, outcome_body, unavailable
 from sidecar.idempotency import Receipt
-from sidecar.logs import get_logger
+from sidecar.logs import get_fast_logger, get_logger
 from sidecar.mtls import CertificateRejected, ClientCertVerifier
 from sidecar.parse import correlation_id, traceparent
 from sidecar.pipeline import Decision, Pipeline
@@ -33,9 +35,48 @@ from sidecar.request import RawRequest
 from sidecar.upstream import NotSent, OutcomeUnknown
 
 log = get_logger("sidecar.request")
+request_log = get_fast_logger("sidecar.request")  # the one line per request: same processors, no stdlib detour
 META = "fhir_sidecar"
 STATUS_PREFIX = b"/.fhir-sidecar/requests/"
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade")
+_HOP_SET = frozenset(HOP_BY_HOP)
+# flow.metadata keys
+_COUNTED, _HOST, _RAW, _WHEN, _CORR = META + ".counted", META + ".host", META + ".raw", META + ".when", META + ".corr"
+_OWN, _SENT, _ORPHAN, _REWRITTEN, _FINISHED = (META + ".own-write", META + ".sent", META + ".orphan", META + ".rewritten",
+                                               META + ".finished")
+_LOCATIONS = ("location", "content-location")
+
+
+def _fast_response_ok() -> bool:
+    """`_make_response` fills mitmproxy's dataclasses directly (their __post_init__ type check costs ~20 µs
+    a response); only while they look exactly like the ones it was written for (mitmproxy 11)."""
+    try:
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(http.ResponseData)}
+        probe = http.Response.make(200, b"", [])
+        return names == {"http_version", "status_code", "reason", "headers", "content", "trailers",
+                         "timestamp_start", "timestamp_end"} and set(vars(probe)) == {"data"}
+    except Exception:
+        return False
+
+
+_FAST_RESPONSE = _fast_response_ok()
+
+
+def _make_response(status: int, fields: list[tuple[bytes, bytes]], body: bytes) -> http.Response:
+    """A response with exactly these header fields and body (the caller has set Content-Length)."""
+    now = time.time()
+    reason = status_codes.RESPONSES.get(status, "").encode()
+    if not _FAST_RESPONSE:
+        return http.Response(b"HTTP/1.1", status, reason, http.Headers(fields), body, None, now, now)
+    data = object.__new__(http.ResponseData)
+    data.http_version, data.status_code, data.reason = b"HTTP/1.1", status, reason
+    data.headers, data.content, data.trailers = http.Headers(fields), body, None
+    data.timestamp_start = data.timestamp_end = now
+    resp = object.__new__(http.Response)
+    resp.data = data
+    return resp
 
 
 def refusal_response(refusal: Refusal, correlation: str) -> http.Response:
@@ -80,7 +121,7 @@ def replay_response(receipt: Receipt, correlation: str) -> http.Response:
 def raw_request(flow: http.HTTPFlow, mode: str, peer: str | None = None) -> RawRequest:
     r = flow.request
     headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in r.headers.fields)
-    meta = flow.metadata.get(META + ".host")
+    meta = flow.metadata.get(_HOST)
     return RawRequest(
         method=r.data.method.decode("ascii", "replace"),  # as sent: `Request.method` upper-cases
         target=r.data.path,
@@ -104,6 +145,8 @@ class SidecarAddon:
                  mtls: ClientCertVerifier | None = None) -> None:
         self._pipeline = pipeline_ref
         self.writer = writer
+        # the lean client's bytes-level entry point (no URL to re-parse, no header re-encoding)
+        self._send_target = getattr(writer, "send_target", None)
         self.require_tls = require_tls
         self.mtls = mtls
         self.review_polls = True  # GET /.fhir-sidecar/requests/{id} (held writes)
@@ -115,8 +158,34 @@ class SidecarAddon:
         self.base_path = base_path
         self.inflight = 0
         self.draining = False
+        self._rewrites: dict[tuple[bool, str], tuple[str, tuple[tuple[bytes, bytes], ...]]] = {}
+        self._pending: set[asyncio.Task[None]] = set()  # finishes running after their answer left
+        # Hooks this configuration never needs are switched off on the instance (mitmproxy skips a hook
+        # whose attribute is None): no per-connection call for them.
+        if mtls is None:
+            self.tls_established_client = None  # type: ignore[assignment]
+            self.client_disconnected = None  # type: ignore[assignment]
+        if mode != "forward":
+            self.http_connect = None  # type: ignore[assignment]  # CONNECT exists only in forward mode
 
     # -- hooks ---------------------------------------------------------------------------------
+
+    def running(self) -> None:
+        """mitmproxy's Master puts a handler on the root logger that turns every log record into the
+        deprecated `add_log` hook: it formats the record (unredacted, in memory), wakes the event loop
+        through its self-pipe (a syscall per line) and runs an addon round. None of the sidecar's addons
+        implements `add_log`, so that handler only costs; it is removed (our redacting handler stays)."""
+        try:
+            from mitmproxy import ctx
+            from mitmproxy.addonmanager import traverse
+
+            master = ctx.master
+            legacy = getattr(master, "_legacy_log_events", None)
+            if legacy is None or any(getattr(a, "add_log", None) is not None for a in traverse(master.addons.chain)):
+                return
+            legacy.uninstall()
+        except Exception as e:  # only a cost: never a reason to stop
+            log.warning("could not remove mitmproxy's add_log handler", error_type=type(e).__name__)
 
     def tls_established_client(self, data: tls.TlsData) -> None:
         """mTLS: mitmproxy asks for a client certificate but does not verify it; we do, once per
@@ -158,11 +227,13 @@ class SidecarAddon:
         forwarding = False
         try:
             self.inflight += 1
-            flow.metadata[META + ".counted"] = True
+            md = flow.metadata
+            md[_COUNTED] = True
             # the Host the app addressed (keep_host_header): response URLs are rewritten to it
-            flow.metadata[META + ".host"] = flow.request.host_header or ""
-            raw = raw_request(flow, self.mode, self._peer_ids.get(flow.client_conn.id))
-            flow.metadata[META + ".raw"] = raw
+            md[_HOST] = flow.request.host_header or ""
+            peer = self._peer_ids.get(flow.client_conn.id) if self._peer_ids else None
+            raw = raw_request(flow, self.mode, peer)
+            md[_RAW] = raw
             corr = correlation_id(raw)
             if self.review_polls and raw.method == "GET" and raw.target.startswith(STATUS_PREFIX):
                 await self._answer_poll(flow, raw, corr)
@@ -177,9 +248,10 @@ class SidecarAddon:
                 # the app spoke plain HTTP to an HTTPS EHR address: never downgrade, never guess
                 decision = Decision(corr, "", time.monotonic(), deny("plain HTTP to the EHR refused"))
             else:
-                flow.metadata[META + ".when"] = datetime.now(timezone.utc)
+                if self.recorder is not None:  # the recording's timestamp; nothing else reads it
+                    md[_WHEN] = datetime.now(timezone.utc)
                 decision = await self._pipeline().decide(raw, corr, traceparent(raw))
-            flow.metadata[META] = decision
+            md[META] = decision
             if decision.refusal is not None:
                 flow.response = refusal_response(decision.refusal, corr)
                 return
@@ -205,11 +277,12 @@ class SidecarAddon:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
-            d: Decision | None = flow.metadata.get(META)
+            md = flow.metadata
+            d: Decision | None = md.get(META)
             resp = flow.response
             if resp is None:
                 return
-            corr = d.correlation_id if d else flow.metadata.get(META + ".corr", "")
+            corr = d.correlation_id if d else md.get(_CORR, "")
             if d is not None and d.forward and d.confine_patient and d.principal is not None:
                 # a read under patient/ scopes: the answer must belong to the context patient
                 ok = resp.status_code != 200 or (
@@ -218,19 +291,28 @@ class SidecarAddon:
                 if not ok:
                     flow.response = resp = refusal_response(deny("patient context: the resource belongs to another patient"), corr)
                     d = replace(d, refusal=deny("patient context: the resource belongs to another patient"))
-                    flow.metadata[META] = d
+                    md[META] = d
             if d is not None and d.forward:
-                if corr:
-                    resp.headers["x-correlation-id"] = corr
-                if self.mode == "reverse" and not flow.metadata.get(META + ".rewritten"):
-                    self._rewrite_urls(flow)
-                if flow.metadata.get(META + ".own-write"):
+                if md.get(_OWN):
+                    # our own exchange: its answer already carries the correlation id and rewritten URLs
+                    # (or is our 502/504, which carries the id and has no upstream URL in it)
+                    if self._finish_can_follow(d, resp.status_code, md.get(_SENT)):
+                        self._finish_after_answer(flow, d)
+                        return
                     await self._finish_own_write(flow, d)
                     return
-                await self._pipeline().finish(
-                    d, resp.status_code, self._raw(flow),
-                    headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
-                    body=resp.raw_content or b"")
+                if corr:
+                    resp.headers["x-correlation-id"] = corr
+                if self.mode == "reverse" and not md.get(_REWRITTEN):
+                    self._rewrite_urls(flow)
+                status = resp.status_code
+                pipeline = self._pipeline()
+                if pipeline.needs_answer(d, status):
+                    await pipeline.finish(d, status, self._raw(flow),
+                                          headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
+                                          body=resp.raw_content or b"")
+                else:
+                    await pipeline.finish(d, status, self._raw(flow))
             self._log(d, resp.status_code)
             self._record(flow, d, resp.status_code)
         except Exception as e:
@@ -248,11 +330,11 @@ class SidecarAddon:
             log.warning("flow error", error_type=msg[:80], correlation_id=d.correlation_id if d else None)
             if d is None or not d.forward:
                 return
-            if flow.metadata.get(META + ".own-write"):
-                if META + ".sent" in flow.metadata:
+            if flow.metadata.get(_OWN):
+                if _SENT in flow.metadata:
                     await self._finish_own_write(flow, d)  # answered, but the app left before the answer
                 else:
-                    flow.metadata[META + ".orphan"] = True  # the exchange still runs and records itself
+                    flow.metadata[_ORPHAN] = True  # the exchange still runs and records itself
                 return
             # a read mitmproxy forwarded: only a failure on the EHR's side counts against the breaker
             await self._pipeline().finish(d, None, self._raw(flow), outcome="unknown", sent=True,
@@ -267,57 +349,155 @@ class SidecarAddon:
     # -- helpers -------------------------------------------------------------------------------
 
     async def _send_write(self, flow: http.HTTPFlow, d: Decision) -> None:
-        """The request leaves through our client. Shielded: if the app disconnects (mitmproxy then
-        cancels this hook), the exchange with the EHR still completes and its outcome is recorded."""
-        flow.metadata[META + ".own-write"] = True
-        await asyncio.shield(asyncio.ensure_future(self._exchange(flow, d)))
+        """The request leaves through our client. A write is shielded: if the app disconnects (and
+        mitmproxy cancelled this hook), the exchange with the EHR still completes and its outcome is
+        recorded. A read is awaited directly (a task per read costs ~8 µs); should its hook be cancelled,
+        the exchange is dropped and the `read` record says the outcome is unknown."""
+        flow.metadata[_OWN] = True
+        if d.classification is None or d.classification.is_write:
+            await asyncio.shield(asyncio.ensure_future(self._exchange(flow, d)))
+            return
+        try:
+            await self._exchange(flow, d)
+        except asyncio.CancelledError:
+            if _SENT not in flow.metadata:
+                flow.metadata[_SENT] = "unknown"
+                task = asyncio.ensure_future(self._finish_own_write(flow, d))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+            raise
 
     async def _exchange(self, flow: http.HTTPFlow, d: Decision) -> None:
         assert self.writer is not None
         r = flow.request
         host, port, scheme = self.upstream
-        url = f"{scheme}://{host}:{port}{r.path}"
-        headers = [(k, v) for k, v in r.headers.items(multi=True) if k.lower() not in ("host", "content-length")]
         try:
-            ans = await self.writer.send(r.method, url, headers, r.raw_content or b"")
+            if self._send_target is not None:
+                # the fields _prepare_upstream set; the client drops Host/Content-Length and sets its own
+                ans = await self._send_target(r.method, scheme, host, port, r.data.path, list(r.headers.fields),
+                                              r.raw_content or b"")
+            else:
+                url = f"{scheme}://{host}:{port}{r.path}"
+                headers = [(k, v) for k, v in r.headers.items(multi=True) if k.lower() not in ("host", "content-length")]
+                ans = await self.writer.send(r.method, url, headers, r.raw_content or b"")
         except NotSent as e:
             log.warning("upstream not reached", correlation_id=d.correlation_id, error_type=str(e)[:60])
-            flow.metadata[META + ".sent"] = "not-sent"
+            flow.metadata[_SENT] = "not-sent"
             flow.response = refusal_response(Refusal(502, "the EHR could not be reached; nothing was sent", "transient"),
                                              d.correlation_id)
         except OutcomeUnknown as e:
             log.warning("upstream outcome unknown", correlation_id=d.correlation_id, error_type=str(e)[:60])
-            flow.metadata[META + ".sent"] = "unknown"
+            flow.metadata[_SENT] = "unknown"
             write = d.classification is not None and d.classification.is_write
             reason = ("the EHR did not answer in time: the outcome is unknown; do not retry without reconciling "
                       "(an Idempotency-Key stays reserved)") if write else "the EHR did not answer in time"
             flow.response = refusal_response(Refusal(504, reason, "timeout"), d.correlation_id)
         else:
-            resp = http.Response.make(ans.status, b"", [(k.lower().encode(), v.encode("latin-1"))
-                                                         for k, v in ans.headers])
-            resp.raw_content = ans.body
-            resp.headers["content-length"] = str(len(ans.body))
-            flow.metadata[META + ".sent"] = "answered"
-            flow.response = resp
-            if self.mode == "reverse":  # before any receipt is cut from it, also for an app that left
-                self._rewrite_urls(flow)
-                flow.metadata[META + ".rewritten"] = True
-        if flow.metadata.get(META + ".orphan"):
+            flow.metadata[_SENT] = "answered"
+            # before any receipt is cut from it, also for an app that left
+            flow.response = self._own_response(flow, d, ans)
+            if self.mode == "reverse":
+                flow.metadata[_REWRITTEN] = True
+        if flow.metadata.get(_ORPHAN):
             await self._finish_own_write(flow, d)
 
+    def _own_response(self, flow: http.HTTPFlow, d: Decision, ans: Any) -> http.Response:
+        """The app's answer from the EHR's: hop-by-hop fields dropped, in reverse mode the EHR's URLs in
+        Location / Content-Location / the body pointed at the sidecar, our Content-Length and
+        X-Correlation-ID."""
+        body = ans.body
+        rw = self._rewriter(flow) if self.mode == "reverse" else None
+        up = self.upstream_base
+        fields: list[tuple[bytes, bytes]] = []
+        encoded = False
+        for k, v in ans.headers:
+            k = k.lower()
+            if k == "content-length" or k == "x-correlation-id" or k in _HOP_SET:
+                continue
+            if k == "content-encoding":
+                encoded = True
+            elif rw is not None and k in _LOCATIONS and (v == up or v.startswith(up + "/")):
+                v = rw[0] + v[len(up):]
+            fields.append((k.encode(), v.encode("latin-1")))
+        if rw is not None and body and not encoded:
+            new = body
+            for a, b in rw[1]:
+                new = new.replace(a, b)
+            body = new
+        fields.append((b"content-length", str(len(body)).encode()))
+        if d.correlation_id:
+            fields.append((b"x-correlation-id", d.correlation_id.encode()))
+        return _make_response(ans.status, fields, body)
+
+    def _rewriter(self, flow: http.HTTPFlow) -> tuple[str, tuple[tuple[bytes, bytes], ...]] | None:
+        """(the sidecar's base as the app addressed it, the body replacements), per Host: computed once."""
+        host = flow.metadata.get(_HOST)
+        if not host:
+            return None
+        key = (flow.client_conn.tls_established, host)
+        rw = self._rewrites.get(key)
+        if rw is None:
+            ours = f"{'https' if key[0] else 'http'}://{host}{self.base_path}"
+            up = self.upstream_base
+            pairs = []
+            for a, b in ((up, ours), (up.replace("/", "\\/"), ours.replace("/", "\\/"))):
+                pairs += [(f'"{a}/'.encode(), f'"{b}/'.encode()), (f'"{a}"'.encode(), f'"{b}"'.encode())]
+            rw = (ours, tuple(pairs))
+            if len(self._rewrites) >= 256:  # Host is the app's to choose: bounded
+                self._rewrites.clear()
+            self._rewrites[key] = rw
+        return rw
+
+    @staticmethod
+    def _finish_can_follow(d: Decision, status: int, sent: str | None) -> bool:
+        """Whether a write's bookkeeping may run after its answer has left: only when it cannot change how
+        the next request is admitted -- no Idempotency-Key receipt (an immediate retry must be replayed, not
+        told "in flight"), and an answer that is neither a back-off (429/503 + Retry-After) nor a failure the
+        breaker counts (5xx), nor our own 502/504."""
+        return (d.reservation is None and d.classification is not None and d.classification.is_write
+                and sent == "answered" and status < 500 and status != 429)
+
+    def _finish_after_answer(self, flow: http.HTTPFlow, d: Decision) -> None:
+        """A write's answer leaves now and its bookkeeping (the `outcome` record -- written without fsync
+        either way --, the breaker's success, metrics, alerts, the log line) runs right after it, off the
+        app's latency (see `_finish_can_follow`). The request stays counted in flight until that is done,
+        so a drain still waits for its outcome record."""
+        counted = bool(flow.metadata.pop(_COUNTED, False))
+        task = asyncio.ensure_future(self._finish_later(flow, d, counted))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish_later(self, flow: http.HTTPFlow, d: Decision, counted: bool) -> None:
+        try:
+            await self._finish_own_write(flow, d)
+        except Exception as e:
+            log.error("response hook failed", error_type=type(e).__name__)
+        finally:
+            if counted:
+                self.inflight -= 1
+
     async def _finish_own_write(self, flow: http.HTTPFlow, d: Decision) -> None:
-        sent, resp = flow.metadata.get(META + ".sent"), flow.response
+        md = flow.metadata
+        if md.get(_FINISHED):
+            return  # exactly once per exchange (response, error and a cancelled read may all get here)
+        md[_FINISHED] = True
+        sent, resp = md.get(_SENT), flow.response
+        pipeline = self._pipeline()
         if sent in ("not-sent", "unknown") or resp is None:
-            await self._pipeline().finish(d, None, self._raw(flow), outcome="failed" if sent == "not-sent" else "unknown",
-                                          sent=sent != "not-sent")
+            await pipeline.finish(d, None, self._raw(flow), outcome="failed" if sent == "not-sent" else "unknown",
+                                  sent=sent != "not-sent")
             self._log(d, 502 if sent == "not-sent" else 504)
             self._record(flow, d, 502 if sent == "not-sent" else 504)
             return
-        await self._pipeline().finish(d, resp.status_code, self._raw(flow),
-                                      headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
-                                      body=resp.raw_content or b"")
-        self._log(d, resp.status_code)
-        self._record(flow, d, resp.status_code)
+        status = resp.status_code
+        if pipeline.needs_answer(d, status):  # a receipt or a Retry-After to read: the answer as sent
+            await pipeline.finish(d, status, self._raw(flow),
+                                  headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
+                                  body=resp.raw_content or b"")
+        else:
+            await pipeline.finish(d, status, self._raw(flow))
+        self._log(d, status)
+        self._record(flow, d, status)
 
     async def _answer_poll(self, flow: http.HTTPFlow, raw: RawRequest, corr: str) -> None:
         """FHIR's asynchronous pattern for held writes: 202 while pending, then the outcome."""
@@ -339,14 +519,14 @@ class SidecarAddon:
 
     def _record(self, flow: http.HTTPFlow, d: Decision | None, status: int) -> None:
         if self.recorder is not None and d is not None:
-            record_decision(self.recorder, flow.metadata.get(META + ".raw"), d, status, flow.metadata.get(META + ".when"))
+            record_decision(self.recorder, flow.metadata.get(_RAW), d, status, flow.metadata.get(_WHEN))
 
     def _raw(self, flow: http.HTTPFlow) -> RawRequest:
-        raw = flow.metadata.get(META + ".raw")
+        raw = flow.metadata.get(_RAW)
         return raw if raw is not None else raw_request(flow, self.mode)
 
     def _done(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.pop(META + ".counted", False):
+        if flow.metadata.pop(_COUNTED, False):
             self.inflight -= 1
 
     def _is_upstream(self, flow: http.HTTPFlow) -> bool:
@@ -373,20 +553,20 @@ class SidecarAddon:
         """Upstream URLs in the answer point at the sidecar, so apps never learn a way around."""
         resp = flow.response
         assert resp is not None
-        host = flow.metadata.get(META + ".host")
-        if not host:
+        rw = self._rewriter(flow)
+        if rw is None:
             return
-        ours = f"{'https' if flow.client_conn.tls_established else 'http'}://{host}{self.base_path}"
+        ours = rw[0]
         up = self.upstream_base
-        for name in ("location", "content-location"):
+        for name in _LOCATIONS:
             v = resp.headers.get(name)
             if v and (v == up or v.startswith(up + "/")):
                 resp.headers[name] = ours + v[len(up):]
         body = resp.raw_content
         if body and "content-encoding" not in resp.headers:
             new = body
-            for a, b in ((up, ours), (up.replace("/", "\\/"), ours.replace("/", "\\/"))):
-                new = new.replace(f'"{a}/'.encode(), f'"{b}/'.encode()).replace(f'"{a}"'.encode(), f'"{b}"'.encode())
+            for a, b in rw[1]:
+                new = new.replace(a, b)
             if new is not body and new != body:
                 resp.raw_content = new
                 resp.headers["content-length"] = str(len(new))
@@ -394,7 +574,7 @@ class SidecarAddon:
             resp.headers.pop(h, None)
 
     def _log(self, d: Decision | None, status: int) -> None:
-        if d is None:
+        if d is None or not request_log.is_enabled_for(logging.INFO):
             return
         ev = {
             "correlation_id": d.correlation_id,
@@ -411,4 +591,4 @@ class SidecarAddon:
             ev["client_id"] = d.principal.client_id
         if d.refusal is not None:
             ev["reasons"] = [d.refusal.reason]
-        log.info("request", **ev)
+        request_log.info("request", **ev)

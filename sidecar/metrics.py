@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -45,6 +46,7 @@ def _pick(value: object, vocabulary: frozenset[str]) -> str:
 class Metrics:
     def __init__(self, clients: Iterable[str] = (), *, namespace: str = "fhir_sidecar") -> None:
         self._children: dict[tuple, Any] = {}
+        self._kind_children: dict[str, Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self._clients = frozenset(clients)
         ns, r = namespace, self.registry
@@ -131,7 +133,12 @@ class Metrics:
 
     def audit_commit(self, kinds: Mapping[str, int], nbytes: int, seconds: float) -> None:
         for kind, n in kinds.items():
-            self._audit_records.labels(kind=_pick(kind, AUDIT_KINDS)).inc(n)
+            child = self._kind_children.get(kind)
+            if child is None:  # one label lookup per kind, not per batch
+                child = self._audit_records.labels(kind=_pick(kind, AUDIT_KINDS))
+                if kind in AUDIT_KINDS:
+                    self._kind_children[kind] = child
+            child.inc(n)
         self._audit_bytes.inc(max(nbytes, 0))
         self._commit.observe(max(seconds, 0.0))
 

@@ -219,13 +219,12 @@ class Pipeline:
             return None, None
         idem = self.svc.idempotency
         key = parse_key(raw.header_values("idempotency-key"))
-        fp = request_fingerprint(req)
         if key is not None:
-            found = await idem.lookup_or_reserve(who.client_id, key, fp)
+            found = await idem.lookup_or_reserve(who.client_id, key, request_fingerprint(req))
         elif who.client_id in self._dedupe_clients and idem.dedupe_window_s > 0:
-            found = await idem.dedupe_or_reserve(who.client_id, fp)
+            found = await idem.dedupe_or_reserve(who.client_id, request_fingerprint(req))
         else:
-            return None, None
+            return None, None  # nothing to look up: no fingerprint to compute
         if isinstance(found, Reserved):
             return found, None
         if isinstance(found, Replay):
@@ -246,6 +245,12 @@ class Pipeline:
         probe = await self.svc.breaker.admit()
         return auth, probe
 
+    @staticmethod
+    def needs_answer(d: Decision, status: int | None) -> bool:
+        """Whether `finish` reads the answer's headers and body: for the receipt of an Idempotency-Key,
+        or a Retry-After on 429/503. Otherwise the adapter need not copy them out."""
+        return d.reservation is not None or status in (429, 503)
+
     async def finish(self, d: Decision, status: int | None, raw: RawRequest, *,
                      headers: tuple[tuple[str, str], ...] = (), body: bytes = b"", outcome: str | None = None,
                      sent: bool = True, upstream_failed: bool = True) -> None:
@@ -255,32 +260,36 @@ class Pipeline:
         if d.request is None or d.classification is None or d.principal is None:
             return
         cls, who = d.classification, d.principal
-        retry_after = next((v for k, v in headers if k.lower() == "retry-after"), None)
-        steps = (
-            # a client that went away says nothing about the EHR: only its own failures count
-            self.svc.breaker.record(status, probe=d.probe) if status is not None or upstream_failed else None,
-            self.svc.backoff.record(status, retry_after) if status in (429, 503) else None,
-            self._settle_receipt(d, status, headers, body, retry_after is not None, sent),
-        )
-        for step in steps:
-            if step is None:
-                continue
-            try:
-                await step
-            except Exception as e:  # state store trouble after the fact: logged, the answer stands
-                log.error("after-response step failed", error_type=type(e).__name__, correlation_id=d.correlation_id)
-        cred = self.svc.credentials.get(who.client_id or "")
-        if status == 401 and cred is not None:
-            cred.invalidate()
+        retry_after = next((v for k, v in headers if k.lower() == "retry-after"), None) if headers else None
+        svc = self.svc
+        # each step on its own: state store trouble after the fact is logged, the answer stands
+        if status is not None or upstream_failed:  # a client that went away says nothing about the EHR
+            await self._after(svc.breaker.record(status, probe=d.probe), d)
+        if status in (429, 503):
+            await self._after(svc.backoff.record(status, retry_after), d)
+        if d.reservation is not None:
+            await self._after(self._settle_receipt(d, status, headers, body, retry_after is not None, sent), d)
+        if status == 401:
+            cred = svc.credentials.get(who.client_id or "")
+            if cred is not None:
+                cred.invalidate()
         if outcome is None:
             outcome = "committed" if status is not None and 200 <= status < 300 else "failed"
         kind = "outcome" if cls.is_write else "read"
         fields = self._fields(kind, d.request, cls, who, raw, decision="allow")
-        fields.update(upstream_status=status, latency_ms=round((time.monotonic() - d.started) * 1000, 2))
+        fields["upstream_status"] = status
+        fields["latency_ms"] = round((time.monotonic() - d.started) * 1000, 2)
         if kind == "outcome":
             fields["outcome"] = outcome
         await self._record(fields)
         self.observe(d, status if status is not None else 502, raw, upstream_failed=status is None or status >= 500)
+
+    @staticmethod
+    async def _after(step: Any, d: Decision) -> None:
+        try:
+            await step
+        except Exception as e:  # state store trouble after the fact: logged, the answer stands
+            log.error("after-response step failed", error_type=type(e).__name__, correlation_id=d.correlation_id)
 
     async def _settle_receipt(self, d: Decision, status: int | None, headers: tuple[tuple[str, str], ...],
                               body: bytes, retry_after: bool, sent: bool = True) -> None:

@@ -24,9 +24,21 @@ class RawRequest:
     client_addr: str = ""
     mode: str = "reverse"
     peer_client: str | None = None     # mTLS: the verified client id, or "!reason" when it failed
+    # name -> values, built on the first header_values() call (parse asks for a dozen names)
+    _index: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def header_values(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name]
+        index = self._index
+        if index is None:
+            index = {}
+            for k, v in self.headers:
+                vals = index.get(k)
+                if vals is None:
+                    index[k] = [v]
+                else:
+                    vals.append(v)
+            object.__setattr__(self, "_index", index)
+        return list(index.get(name, ()))
 
 
 @dataclass(frozen=True, slots=True)

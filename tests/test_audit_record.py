@@ -132,3 +132,50 @@ def test_line_cannot_be_broken_by_values() -> None:
 def test_timestamp_format() -> None:
     ts = utc_timestamp()
     assert len(ts) == 24 and ts.endswith("Z") and ts[19] == "."
+
+
+def test_timestamp_now_is_the_wall_clock_in_milliseconds() -> None:
+    import re
+    import time
+    from datetime import datetime, timezone
+
+    for _ in range(3):  # the second's text is cached: across a second boundary too
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        ts = utc_timestamp()
+        after = datetime.now(timezone.utc)
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", ts)
+        parsed = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert before <= parsed <= after
+        time.sleep(0.4)
+
+
+def test_prekeyed_mac_seals_the_same() -> None:
+    clean = validate_fields({"kind": "read", "correlation_id": "c-1", "reasons": ["ok"], "latency_ms": 2.0,
+                             "upstream_status": 200, "client_id": "caf\u00e9-app"})
+    args = dict(chain="main", seq=7, ts="2024-05-01T12:00:00.123Z", prev="a" * 64, key_id="k1", key=KEY)
+    plain = build_record(clean, **args)
+    mac = hmac.new(KEY, digestmod=hashlib.sha256)
+    assert build_record(clean, **args, mac=mac) == plain == build_record(clean, **args, mac=mac)
+    assert hash_ok(KEY, plain)
+
+
+def test_canonical_json_leaves_lone_surrogates_to_the_library() -> None:
+    from sidecar.audit.record import canonical_json
+
+    with pytest.raises(rfc8785.CanonicalizationError):
+        canonical_json({"a": "x\ud800y"})
+    assert canonical_json({"a": "caf\u00e9 \u2028 \x7f \x01"}) == rfc8785.dumps({"a": "caf\u00e9 \u2028 \x7f \x01"})
+
+
+def test_validate_fields_order_and_kinds() -> None:
+    from sidecar.audit.record import CALLER_FIELDS, KIND_EXTRA_FIELDS, KINDS
+
+    everything = {n: "x" for n in CALLER_FIELDS}
+    everything.update(resource_id=P, patient=P, reasons=["r"], outcome="committed", upstream_status=200,
+                      latency_ms=1)
+    for kind in sorted(KINDS):
+        extras = {n: (1 if n == "checkpoint_seq" else "0" * 64) for n in KIND_EXTRA_FIELDS.get(kind, ())}
+        got = validate_fields({**dict(reversed(list({**everything, **extras}.items()))), "kind": kind})
+        assert list(got) == ["kind", *CALLER_FIELDS, *KIND_EXTRA_FIELDS.get(kind, ())]
+    with pytest.raises(ValueError, match="unknown audit field"):
+        validate_fields({"kind": "read", "checkpoint_seq": 1})

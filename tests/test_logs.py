@@ -291,3 +291,125 @@ def test_redact_processor_standalone() -> None:
     ed = redact(None, "info", {"event": f"for {SSN}", "status": 200, "patient": NAME, "latency_ms": float("nan")})
     assert ed == {"event": "for [ssn]", "status": 200, "patient": "[redacted]", "latency_ms": "nan"}
     assert logs.REDACTED == "[redacted]"
+
+
+# -- the per-request line's fast path -------------------------------------------------------------------
+#
+# pytest puts its own capture handlers on the root logger while a test runs, so by design the fast path
+# would fall back to the normal one there; `only_ours` takes them off for the block that is measured.
+
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def only_ours() -> Iterator[None]:
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not isinstance(h, logs._RedactingHandler)]
+    for h in others:
+        root.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in others:
+            root.addHandler(h)
+
+
+def test_fast_logger_writes_what_structlog_writes(out: io.StringIO) -> None:
+    slow, fast = get_logger("sidecar.request"), logs.get_fast_logger("sidecar.request")
+    structlog.contextvars.bind_contextvars(tenant="acme", patient_id=SSN)
+    try:
+        with only_ours():
+            assert fast._direct_handler(logging.INFO) is not None
+            slow.info("request", **BENIGN, patient=NAME)
+            fast.info("request", **BENIGN, patient=NAME)
+            slow.warning("request", decision=NAME, reasons=[NOTE])
+            fast.warning("request", decision=NAME, reasons=[NOTE])
+    finally:
+        structlog.contextvars.clear_contextvars()
+    a, b, c, d = _assert_clean(out)
+    for x, y in ((a, b), (c, d)):
+        assert list(x) == list(y)  # the same fields in the same order
+        assert {k: v for k, v in x.items() if k != "ts"} == {k: v for k, v in y.items() if k != "ts"}
+    assert b["patient"] == "[redacted]" and b["patient_id"] == "[redacted]" and b["tenant"] == "acme"
+
+
+@pytest.mark.parametrize("canary", CANARIES.values(), ids=CANARIES.keys())
+def test_fast_logger_canaries(out: io.StringIO, canary: str) -> None:
+    fast = logs.get_fast_logger("sidecar.request")
+    with only_ours():
+        assert fast._direct_handler(logging.INFO) is not None
+        fast.info("request", decision=canary, reasons=["scope.ok", canary], patient=canary, name=canary,
+                  correlation_id=canary, traceparent=canary, client_id=canary, **{canary: 1})
+        fast.error(f"failed for {canary}", error_type=canary)
+    assert len(_assert_clean(out)) == 2
+
+
+def test_fast_logger_takes_the_fast_path_only_in_the_configured_setup(out: io.StringIO,
+                                                                       caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = logs.get_fast_logger("sidecar.request")
+    with only_ours():
+        assert fast._direct_handler(logging.INFO) is not None
+        # a handler that listens only from ERROR (mitmproxy's startup check) sees no INFO line either way
+        quiet = logging.Handler(logging.ERROR)
+        logging.getLogger().addHandler(quiet)
+        try:
+            assert fast._direct_handler(logging.INFO) is not None
+            assert fast._direct_handler(logging.ERROR) is None
+        finally:
+            logging.getLogger().removeHandler(quiet)
+    # a capture handler on the root: the line goes the normal way, so that handler gets it too
+    with caplog.at_level(logging.INFO):
+        assert fast._direct_handler(logging.INFO) is None
+        fast.info("request", status=200, decision="allow")
+    assert [r for r in caplog.records if r.name == "sidecar.request"]
+    assert _lines(out)[-1]["event"] == "request"
+    # a handler on the way, or structlog configured otherwise: the normal way too
+    logging.getLogger("sidecar").addHandler(logging.NullHandler())
+    try:
+        assert fast._direct_handler(logging.INFO) is None
+    finally:
+        logging.getLogger("sidecar").handlers.clear()
+    monkeypatch.setitem(logs._installed, "processors", object())
+    assert fast._direct_handler(logging.INFO) is None
+
+
+def test_fast_logger_honours_levels() -> None:
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging(level="warning", stream=buf)
+        fast = logs.get_fast_logger("sidecar.request")
+        with only_ours():
+            fast.info("hidden")
+            fast.warning("shown")
+        assert [r["event"] for r in _lines(buf)] == ["shown"]
+    finally:
+        structlog.reset_defaults()
+        logging.captureWarnings(False)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+
+
+def test_fast_logger_write_failure_does_not_leak(out: io.StringIO, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, logs._RedactingHandler)]
+    calls = []
+    real_write = out.write
+
+    def flaky(text: str) -> int:
+        calls.append(text)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return real_write(text)
+
+    monkeypatch.setattr(handler.stream, "write", flaky)
+    with only_ours():
+        logs.get_fast_logger("sidecar.request").info("request", decision=NAME)
+    (rec,) = _assert_clean(out)
+    assert rec["event"] == "log record dropped: formatting failed"
+    assert "zebulon" not in capsys.readouterr().err.lower()

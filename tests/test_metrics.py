@@ -126,3 +126,15 @@ async def test_audit_writer_hooks_feed_metrics(tmp_path: Path) -> None:
     assert value(m, "fhir_sidecar_audit_records_total", kind="checkpoint") == 1
     assert value(m, "fhir_sidecar_audit_bytes_total") == (tmp_path / "audit.jsonl").stat().st_size
     assert value(m, "fhir_sidecar_audit_commit_seconds_count") == w.stats.commits
+
+
+def test_audit_commit_counts_add_up_per_kind() -> None:
+    m = Metrics(CLIENTS)
+    for _ in range(3):
+        m.audit_commit({"read": 2, "intent": 1, "Patient/123": 1}, 100, 0.001)
+    assert value(m, "fhir_sidecar_audit_records_total", kind="read") == 6
+    assert value(m, "fhir_sidecar_audit_records_total", kind="intent") == 3
+    assert value(m, "fhir_sidecar_audit_records_total", kind="other") == 3
+    assert value(m, "fhir_sidecar_audit_bytes_total") == 300
+    assert value(m, "fhir_sidecar_audit_commit_seconds_count") == 3
+    assert "Patient/123" not in m._kind_children  # only the vocabulary is remembered

@@ -12,6 +12,7 @@ import hmac
 import json
 import math
 import re
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
@@ -121,10 +122,11 @@ def _text(name: str, value: Any) -> str:
         raise ValueError(f"field {name!r} must be a string")
     if len(value) > MAX_STR:
         raise ValueError(f"field {name!r} longer than {MAX_STR} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"field {name!r} is not valid unicode") from None
+    if not value.isascii():  # ASCII is valid UTF-8; only other text can hold a lone surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"field {name!r} is not valid unicode") from None
     return value
 
 
@@ -185,6 +187,11 @@ _VALIDATORS.update({
 })
 
 
+# Per kind: the names a caller may pass, and the storage order (computed once, not per record).
+_ALLOWED = {k: frozenset(CALLER_FIELDS).union(KIND_EXTRA_FIELDS.get(k, ()), ("kind",)) for k in KINDS}
+_ORDER = {k: tuple((n, _VALIDATORS[n]) for n in CALLER_FIELDS + tuple(KIND_EXTRA_FIELDS.get(k, ()))) for k in KINDS}
+
+
 def validate_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Check a caller's fields; return them normalised, `kind` first, in storage
     order. None values mean "not known" and are dropped. Unknown names raise
@@ -194,18 +201,18 @@ def validate_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     kind = fields.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"field 'kind' must be one of {sorted(KINDS)}")
-    extras = KIND_EXTRA_FIELDS.get(kind, ())
-    allowed = set(CALLER_FIELDS).union(extras, ("kind",))
+    allowed = _ALLOWED[kind]
     for name in fields:
         if name not in allowed:
             if name in ENVELOPE_FIELDS:
                 raise ValueError(f"field {name!r} is assigned by the writer")
             raise ValueError(f"unknown audit field {str(name)[:64]!r} for kind {kind!r}")
-    out: dict[str, Any] = {"kind": kind}
-    for name in CALLER_FIELDS + extras:
-        value = fields.get(name)
+    out: dict[str, Any] = {"kind": str(kind)}
+    get = fields.get
+    for name, check in _ORDER[kind]:
+        value = get(name)
         if value is not None:
-            out[name] = _VALIDATORS[name](name, value)
+            out[name] = check(name, value)
     return out
 
 
@@ -231,44 +238,61 @@ def check_record(rec: Mapping[str, Any]) -> None:
 
 # --------------------------------------------------------------- hashing
 
+_second: list[Any] = [None, ""]   # (the UTC second, its "YYYY-MM-DDTHH:MM:SS." text), one per second
+
+
 def utc_timestamp(now: datetime | None = None) -> str:
     """RFC 3339 UTC with milliseconds and 'Z', e.g. 2024-05-01T12:00:00.123Z."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    if now is None:  # the writer's path: the wall clock, the second's text formatted once
+        sec, ms = divmod(int(time.time() * 1000), 1000)
+        cached = _second
+        if cached[0] != sec:
+            cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+            cached[0] = sec
+        return f"{cached[1]}{ms:03d}Z"
+    now = now.astimezone(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
-def _simple(value: Any) -> bool:
-    """Values whose RFC 8785 form equals json.dumps' compact form (see `canonical_json`)."""
-    t = type(value)
-    if t is str:
-        return value.isascii() and value.isprintable()
-    if t is int:
-        return -(2**53) < value < 2**53
-    if value is None or t is bool:
-        return True
-    if t is list:
-        return all(type(v) is str and v.isascii() and v.isprintable() for v in value)
-    return False
+_JCS_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_SAFE_INT = 2**53
 
 
 def canonical_json(body: Mapping[str, Any]) -> bytes:
-    """RFC 8785 (JCS) bytes. Audit records are flat: ASCII strings, safe integers, null, booleans,
-    lists of strings, and a few floats. For those, sorted-key compact `json.dumps` *is* the JCS
-    form once floats are written as ECMAScript numbers; anything else goes through the `rfc8785`
-    library, which a property test holds this fast path against."""
-    out: dict[str, Any] = {}
+    """RFC 8785 (JCS) bytes. Audit records are flat: strings, safe integers, null, booleans, lists of
+    strings, and a few floats. For those, sorted-key compact `json.dumps` with `ensure_ascii=False` *is*
+    the JCS form (the same escapes: `\\b \\f \\n \\r \\t`, `\\u00xx` in lower case for the other control
+    characters, everything else raw UTF-8) once floats are written as ECMAScript numbers and the keys are
+    ASCII (so code-point and UTF-16 order agree); anything else -- nested values, big integers, other
+    floats, non-ASCII keys, lone surrogates -- goes through the `rfc8785` library, which a property test
+    holds this fast path against."""
+    out: dict[str, Any] | None = None
     for k, v in body.items():
-        if not (k.isascii() and k.isprintable()):
-            return rfc8785.dumps(dict(body))
-        if type(v) is float:
-            if not (v.is_integer() and abs(v) < 2**53) and not (1e-4 <= abs(v) < 1e15):
+        t = type(v)
+        if t is str or v is None or t is bool:
+            pass
+        elif t is int:
+            if not -_SAFE_INT < v < _SAFE_INT:
                 return rfc8785.dumps(dict(body))
-            out[k] = int(v) if v.is_integer() else v  # ES6 writes 5.0 as 5; repr matches ES6 in this range
-        elif _simple(v):
-            out[k] = v
+        elif t is float:
+            if not (v.is_integer() and abs(v) < _SAFE_INT) and not (1e-4 <= abs(v) < 1e15):
+                return rfc8785.dumps(dict(body))
+            if v.is_integer():  # ES6 writes 5.0 as 5; repr matches ES6 in this range
+                if out is None:
+                    out = dict(body)
+                out[k] = int(v)
+        elif t is list:
+            for x in v:
+                if type(x) is not str:
+                    return rfc8785.dumps(dict(body))
         else:
             return rfc8785.dumps(dict(body))
-    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        if type(k) is not str or not k.isascii():
+            return rfc8785.dumps(dict(body))
+    try:
+        return _JCS_ENCODER.encode(body if out is None else out).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: not JCS's domain, the library says so
+        return rfc8785.dumps(dict(body))
 
 
 def record_hash(key: bytes, prev: str, body: Mapping[str, Any]) -> str:
@@ -286,24 +310,29 @@ def hash_ok(key: bytes, rec: Mapping[str, Any]) -> bool:
 
 
 def build_record(fields: Mapping[str, Any], *, chain: str, seq: int, ts: str, prev: str,
-                 key_id: str, key: bytes) -> dict[str, Any]:
-    """Assemble and seal a record from already-validated fields."""
+                 key_id: str, key: bytes, mac: Any = None) -> dict[str, Any]:
+    """Assemble and seal a record from already-validated fields. `mac`: optionally
+    ``hmac.new(key, digestmod=hashlib.sha256)`` made once for `key` (a copy is used per record)."""
     body: dict[str, Any] = {"v": FORMAT_VERSION, "chain": chain, "seq": seq, "ts": ts,
                             "prev": prev, "key_id": key_id, **fields}
-    digest = record_hash(key, prev, body)
+    h = mac.copy() if mac is not None else hmac.new(key, digestmod=hashlib.sha256)
+    h.update(prev.encode("ascii"))
+    h.update(canonical_json(body))
     rec = {"v": FORMAT_VERSION, "chain": chain, "seq": seq, "ts": ts, "prev": prev,
-           "hash": digest, "key_id": key_id}
+           "hash": h.hexdigest(), "key_id": key_id}
     rec.update(fields)
     return rec
 
 
 # ------------------------------------------------------------ serialisation
 
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def dumps_line(rec: Mapping[str, Any]) -> bytes:
     """One JSON line; json escapes control characters so a value cannot break
     the line structure."""
-    text = json.dumps(rec, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8") + b"\n"
+    return _LINE_ENCODER.encode(rec).encode("utf-8") + b"\n"
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import hmac
 import logging
 import os
 import time
@@ -84,6 +85,8 @@ class AuditWriter:
             raise ValueError("unknown_scan_records must be >= 0 and idle_poll_s > 0")
         self._keys = {check_name("key_id", kid): derive_key(s, HMAC_PURPOSE)
                       for kid, s in secrets.items()}
+        # keyed once: each record's HMAC starts from a copy (the key schedule is not redone per record)
+        self._macs = {kid: hmac.new(k, digestmod=hashlib.sha256) for kid, k in self._keys.items()}
         self._key_id = active_key_id
         self._chain = check_name("chain", chain)
         self._path = os.fspath(path)
@@ -237,7 +240,7 @@ class AuditWriter:
         seq = self._seq + 1
         rec = build_record(clean, chain=self._chain, seq=seq, ts=utc_timestamp(),
                            prev=self._prev, key_id=self._key_id,
-                           key=self._keys[self._key_id])
+                           key=self._keys[self._key_id], mac=self._macs[self._key_id])
         line = dumps_line(rec)     # serialise before mutating state: no gaps on error
         self._seq, self._prev = seq, rec["hash"]
         self._buf.append(line)
