@@ -44,6 +44,7 @@ _HOP_SET = frozenset(HOP_BY_HOP)
 _COUNTED, _HOST, _RAW, _WHEN, _CORR = META + ".counted", META + ".host", META + ".raw", META + ".when", META + ".corr"
 _OWN, _SENT, _ORPHAN, _REWRITTEN, _FINISHED = (META + ".own-write", META + ".sent", META + ".orphan", META + ".rewritten",
                                                META + ".finished")
+_UPSTREAM_STATUS = META + ".upstream-status"  # set when the sidecar replaced the EHR's answer
 _LOCATIONS = ("location", "content-location")
 
 
@@ -283,16 +284,18 @@ class SidecarAddon:
             if resp is None:
                 return
             corr = d.correlation_id if d else md.get(_CORR, "")
+            forwarded = d is not None and d.forward  # before a refusal of the answer below turns it off
             if d is not None and d.forward and d.confine_patient and d.principal is not None:
                 # a read under patient/ scopes: the answer must belong to the context patient
                 ok = resp.status_code != 200 or (
                     "content-encoding" not in resp.headers
                     and read_body_confined(resp.raw_content or b"", d.principal, self.upstream_base))
                 if not ok:
+                    md[_UPSTREAM_STATUS] = resp.status_code  # the EHR's answer, for the breaker and the record
                     flow.response = resp = refusal_response(deny("patient context: the resource belongs to another patient"), corr)
                     d = replace(d, refusal=deny("patient context: the resource belongs to another patient"))
                     md[META] = d
-            if d is not None and d.forward:
+            if d is not None and forwarded:
                 if md.get(_OWN):
                     # our own exchange: its answer already carries the correlation id and rewritten URLs
                     # (or is our 502/504, which carries the id and has no upstream URL in it)
@@ -305,7 +308,7 @@ class SidecarAddon:
                     resp.headers["x-correlation-id"] = corr
                 if self.mode == "reverse" and not md.get(_REWRITTEN):
                     self._rewrite_urls(flow)
-                status = resp.status_code
+                status = md.get(_UPSTREAM_STATUS, resp.status_code)
                 pipeline = self._pipeline()
                 if pipeline.needs_answer(d, status):
                     await pipeline.finish(d, status, self._raw(flow),
@@ -489,15 +492,15 @@ class SidecarAddon:
             self._log(d, 502 if sent == "not-sent" else 504)
             self._record(flow, d, 502 if sent == "not-sent" else 504)
             return
-        status = resp.status_code
+        status = md.get(_UPSTREAM_STATUS, resp.status_code)
         if pipeline.needs_answer(d, status):  # a receipt or a Retry-After to read: the answer as sent
             await pipeline.finish(d, status, self._raw(flow),
                                   headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
                                   body=resp.raw_content or b"")
         else:
             await pipeline.finish(d, status, self._raw(flow))
-        self._log(d, status)
-        self._record(flow, d, status)
+        self._log(d, resp.status_code)
+        self._record(flow, d, resp.status_code)
 
     async def _answer_poll(self, flow: http.HTTPFlow, raw: RawRequest, corr: str) -> None:
         """FHIR's asynchronous pattern for held writes: 202 while pending, then the outcome."""

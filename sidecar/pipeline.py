@@ -276,7 +276,10 @@ class Pipeline:
         if outcome is None:
             outcome = "committed" if status is not None and 200 <= status < 300 else "failed"
         kind = "outcome" if cls.is_write else "read"
-        fields = self._fields(kind, d.request, cls, who, raw, decision="allow")
+        # a read refused after the EHR answered (patient context): the record says so
+        refused = d.refusal
+        fields = self._fields(kind, d.request, cls, who, raw, decision=refused.decision if refused else "allow",
+                              reasons=[refused.reason] if refused else None)
         fields["upstream_status"] = status
         fields["latency_ms"] = round((time.monotonic() - d.started) * 1000, 2)
         if kind == "outcome":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import time
 
 import jwt
@@ -94,8 +95,19 @@ def test_patient_context_writes_reads_and_searches(env, key):
     assert call(env, "GET", "/Observation?patient=p2", mine)[0] == 403
     # reads: the answer must belong to the patient
     assert call(env, "GET", "/Observation/o-p1", mine)[0] == 200
-    status, _, data = call(env, "GET", "/Observation/o-p2", mine)
+    status, headers, data = call(env, "GET", "/Observation/o-p2", mine)
     assert status == 403 and b"p2" not in data
+    # its audit record: a read the sidecar refused after the EHR answered 200
+    cid = headers["x-correlation-id"]
+    deadline = time.time() + 5
+    rec = None
+    while rec is None and time.time() < deadline:
+        lines = [json.loads(l) for l in Path(sc.cfg_path.parent / "audit.jsonl").read_bytes().splitlines()]
+        rec = next((r for r in lines if r.get("correlation_id") == cid and r["kind"] == "read"), None)
+        time.sleep(0.05)
+    assert rec is not None
+    assert rec["decision"] == "deny" and rec["upstream_status"] == 200
+    assert rec["reasons"] == ["patient context: the resource belongs to another patient"]
 
 
 def test_token_never_widens_the_ceiling_and_qualifiers_hold(env, key):
