@@ -102,7 +102,8 @@ def test_patient_context_writes_reads_and_searches(env, key):
     deadline = time.time() + 5
     rec = None
     while rec is None and time.time() < deadline:
-        lines = [json.loads(l) for l in Path(sc.cfg_path.parent / "audit.jsonl").read_bytes().splitlines()]
+        complete = Path(sc.cfg_path.parent / "audit.jsonl").read_bytes().split(b"\n")[:-1]  # not a line being written
+        lines = [json.loads(l) for l in complete]
         rec = next((r for r in lines if r.get("correlation_id") == cid and r["kind"] == "read"), None)
         time.sleep(0.05)
     assert rec is not None

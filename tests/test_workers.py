@@ -225,11 +225,16 @@ def health(sc: SidecarProcess) -> dict:
     return json.loads(request(sc.admin_port, "GET", "/healthz")[2])
 
 
+def complete_lines(f: Path) -> list[bytes]:
+    """The file's complete lines: a worker may be writing the last one right now."""
+    return f.read_bytes().split(b"\n")[:-1]
+
+
 def served_by(tmp_path: Path) -> dict[str, int]:
     """Records per worker chain (the audit files are the evidence of who served what)."""
     out: dict[str, int] = {}
     for f in sorted(tmp_path.glob("audit.w*.jsonl")):
-        for line in f.read_bytes().splitlines():
+        for line in complete_lines(f):
             rec = json.loads(line)
             if rec.get("kind") in ("read", "intent", "deny", "replay"):
                 out[rec["chain"]] = out.get(rec["chain"], 0) + 1
@@ -256,7 +261,7 @@ def test_two_workers_share_the_port_and_each_write_has_its_intent(workers, sandb
     assert set(by_chain) == {"main.w0", "main.w1"}, by_chain  # 40 fresh connections: both workers served
     assert sum(by_chain.values()) == 40
     intents = {json.loads(l)["correlation_id"] for f in tmp_path.glob("audit.w*.jsonl")
-               for l in f.read_bytes().splitlines() if json.loads(l)["kind"] == "intent"}
+               for l in complete_lines(f) if json.loads(l)["kind"] == "intent"}
     writes = [e for e in sandbox.request_log() if e["action"] == "create"]
     assert len(writes) == 30 and all(e["correlation_id"] in intents for e in writes)
     v = audit_verify(sc)
