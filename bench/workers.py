@@ -67,7 +67,7 @@ def start_sidecar(procs: base.Processes, tmp: Path, name: str, nginx: int, api_k
     cfg.write_text(base.SIDECAR_CONF.format(
         nginx=nginx, port=port, admin=admin, state=state, audit_dir=state,
         policy=f'{{engine: embedded, dir: "{policy_dir}", path: fhir/writeback}}',
-        key_sha=hashlib.sha256(api_key.encode()).hexdigest(), extra=""))
+        key_sha=hashlib.sha256(api_key.encode()).hexdigest(), extra="", max_body=5 * 1024 * 1024))
     env = dict(os.environ, FHIR_SIDECAR_AUDIT_KEY=audit_key)
     mine = os.sched_getaffinity(0)
     if cpus:
