@@ -308,14 +308,7 @@ class SidecarAddon:
                     resp.headers["x-correlation-id"] = corr
                 if self.mode == "reverse" and not md.get(_REWRITTEN):
                     self._rewrite_urls(flow)
-                status = md.get(_UPSTREAM_STATUS, resp.status_code)
-                pipeline = self._pipeline()
-                if pipeline.needs_answer(d, status):
-                    await pipeline.finish(d, status, self._raw(flow),
-                                          headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
-                                          body=resp.raw_content or b"")
-                else:
-                    await pipeline.finish(d, status, self._raw(flow))
+                await self._finish_answered(flow, d, resp)
             self._log(d, resp.status_code)
             self._record(flow, d, resp.status_code)
         except Exception as e:
@@ -492,15 +485,21 @@ class SidecarAddon:
             self._log(d, 502 if sent == "not-sent" else 504)
             self._record(flow, d, 502 if sent == "not-sent" else 504)
             return
-        status = md.get(_UPSTREAM_STATUS, resp.status_code)
-        if pipeline.needs_answer(d, status):  # a receipt or a Retry-After to read: the answer as sent
+        await self._finish_answered(flow, d, resp)
+        self._log(d, resp.status_code)
+        self._record(flow, d, resp.status_code)
+
+    async def _finish_answered(self, flow: http.HTTPFlow, d: Decision, resp: http.Response) -> None:
+        """The pipeline's after-answer steps on the EHR's status (not a refusal the sidecar put in its
+        place); the answer's headers and body are copied out only when a receipt or Retry-After needs them."""
+        status = flow.metadata.get(_UPSTREAM_STATUS, resp.status_code)
+        pipeline = self._pipeline()
+        if pipeline.needs_answer(d, status):
             await pipeline.finish(d, status, self._raw(flow),
                                   headers=tuple((k, v) for k, v in resp.headers.items(multi=True)),
                                   body=resp.raw_content or b"")
         else:
             await pipeline.finish(d, status, self._raw(flow))
-        self._log(d, resp.status_code)
-        self._record(flow, d, resp.status_code)
 
     async def _answer_poll(self, flow: http.HTTPFlow, raw: RawRequest, corr: str) -> None:
         """FHIR's asynchronous pattern for held writes: 202 while pending, then the outcome."""

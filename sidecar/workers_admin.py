@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import h11
+import httpx
 
 if TYPE_CHECKING:
     from sidecar.workers import Supervisor, _Worker
@@ -29,41 +29,16 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "conten
 
 async def admin_request(port: int, method: str, target: str, headers: dict[str, str], body: bytes,
                         timeout_s: float = ASK_TIMEOUT_S) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One HTTP/1.1 exchange with a worker's admin listener on 127.0.0.1 (h11, one connection)."""
-    async def exchange() -> tuple[int, list[tuple[str, str]], bytes]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            conn = h11.Connection(h11.CLIENT)
-            hdrs = [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP]
-            hdrs += [("host", f"127.0.0.1:{port}"), ("content-length", str(len(body))), ("connection", "close")]
-            writer.write(conn.send(h11.Request(method=method, target=target, headers=hdrs)))
-            writer.write(conn.send(h11.Data(data=body)) if body else b"")
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-            status, out_headers, chunks, size = 0, [], [], 0
-            while True:
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    continue
-                if isinstance(ev, h11.Response):
-                    status = ev.status_code
-                    out_headers = [(k.decode(), v.decode("latin-1")) for k, v in ev.headers]
-                elif isinstance(ev, h11.Data):
-                    size += len(ev.data)
-                    if size > MAX_ANSWER:
-                        raise ValueError("worker answer too large")
-                    chunks.append(bytes(ev.data))
-                elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    return status, out_headers, b"".join(chunks)
-        finally:
-            writer.close()
-
+    """One exchange with a worker's admin listener on 127.0.0.1 (answers are small: `/metrics` at most)."""
+    hdrs = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
     try:
-        return await asyncio.wait_for(exchange(), timeout_s)
-    except h11.ProtocolError as e:
-        raise ValueError(str(e)) from None
+        async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
+            r = await client.request(method, f"http://127.0.0.1:{port}{target}", headers=hdrs, content=body)
+    except httpx.HTTPError as e:
+        raise OSError(f"worker admin: {type(e).__name__}") from None
+    if len(r.content) > MAX_ANSWER:
+        raise ValueError("worker answer too large")
+    return r.status_code, list(r.headers.multi_items()), r.content
 
 
 async def handle_admin(sup: Supervisor, method: str, target: str, headers: dict[str, str],
