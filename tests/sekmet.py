@@ -38,9 +38,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
+
+from tests.harness import unavailable
 
 __all__ = ["SEKMET_REQUIREMENT", "Sekmet", "ensure_sekmet", "sekmet_fixture", "start_sekmet", "unavailable"]
 
@@ -49,13 +51,6 @@ TESTS = Path(__file__).resolve().parent
 VENVS = TESTS / ".venvs"
 VENV = VENVS / "sekmet"
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
-
-
-def unavailable(reason: str) -> NoReturn:
-    """A tool these tests need is missing: fail under CI, skip (with the reason) elsewhere."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: a missing tool is a failure, never a silent skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.harness import unavailable
 from tests.test_approvals_api import LOCATION, start_env
 from tests.test_approvals_support import PASSWORDS, med_hold, obs_update_hold
 
@@ -38,10 +39,7 @@ def _binaries() -> tuple[str, str]:
     driver = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "")
                    if p and os.access(p, os.X_OK)), None)
     if chrome is None or driver is None:
-        msg = "headless Chromium not found (Debian packages: chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable("headless Chromium not found (Debian packages: chromium chromium-driver)")
     return chrome, driver
 
 
