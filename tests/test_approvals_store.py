@@ -190,3 +190,10 @@ async def test_many_concurrent_holds_all_land_in_the_index(store_factory) -> Non
     held = await asyncio.gather(*((a if i % 2 else b).hold(med_hold(fingerprint=f"{i:064d}")) for i in range(40)))
     assert len({h.item_id for h in held}) == 40
     assert {r["id"] for r in await a.list_items()} == {h.item_id for h in held}
+
+
+def test_review_ids_never_start_with_a_dash():
+    from sidecar.approvals.store import ID_RE, new_item_id
+
+    ids = [new_item_id() for _ in range(5000)]  # 1 in 64 token_urlsafe values starts with "-"
+    assert all(ID_RE.fullmatch(i) and not i.startswith("-") for i in ids)

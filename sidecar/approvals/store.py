@@ -69,8 +69,12 @@ class QueueFull(StateUnavailable):
 
 
 def new_item_id() -> str:
-    """128 random bits, URL-safe (22 characters)."""
-    return secrets.token_urlsafe(16)
+    """128 random bits, URL-safe (22 characters), never starting with `-`: reviewers type it as
+    an argument (`approvals approve ID`), where a leading dash would read as an option."""
+    while True:
+        item_id = secrets.token_urlsafe(16)
+        if not item_id.startswith("-"):
+            return item_id
 
 
 def valid_id(item_id: str) -> bool:
