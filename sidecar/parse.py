@@ -7,9 +7,10 @@ honour, bodies that are not exactly one well-formed JSON document.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import uuid
-import secrets as _rand
 from urllib.parse import parse_qsl, unquote
 
 from sidecar.errors import Refusal, bad_request, deny
@@ -52,11 +53,35 @@ PATCH_TYPES = frozenset({"application/json-patch+json"})
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
 
 
+class _RandomPool:
+    """Bytes of os.urandom read 4 KiB at a time: one syscall per ~100 requests instead of three
+    per request (a new correlation id and trace ids). The same kernel source, never reused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child must not repeat the parent's bytes
+
+    def _reset(self) -> None:
+        self._buf, self._pos = b"", 0
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = os.urandom(max(4096, n)), 0
+            out = self._buf[self._pos:self._pos + n]
+            self._pos += n
+            return out
+
+
+_random = _RandomPool()
+
+
 def correlation_id(raw: RawRequest) -> str:
     vals = raw.header_values("x-correlation-id")
     if len(vals) == 1 and CORRELATION_RE.fullmatch(vals[0]):
         return vals[0]
-    return str(uuid.uuid4())
+    return str(uuid.UUID(bytes=_random.take(16), version=4))
 
 
 def traceparent(raw: RawRequest) -> str:
@@ -65,7 +90,8 @@ def traceparent(raw: RawRequest) -> str:
         m = TRACEPARENT_RE.fullmatch(vals[0])
         if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
             return vals[0]
-    return f"00-{_rand.token_hex(16)}-{_rand.token_hex(8)}-01"
+    ids = _random.take(24).hex()
+    return f"00-{ids[:32]}-{ids[32:]}-01"
 
 
 def split_target(target: bytes, base_path: str) -> tuple[str, str]:

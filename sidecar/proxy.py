@@ -23,21 +23,21 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 
 from sidecar import killswitch
-from sidecar.addon import SidecarAddon
+from sidecar.addon import SidecarAddon, upstream_headers
 from sidecar.admin import AdminServer, bearer_ok
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.logs import get_logger
+from sidecar.mitm_tuning import lean_hook_dispatch, skip_message_typecheck
 from sidecar.mtls import ClientCertVerifier
 from sidecar.pipeline import Pipeline
-from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
-from sidecar.upstream_fast import FastUpstreamClient
-from sidecar.secretrefs import resolve
-from sidecar.addon import upstream_headers
 from sidecar.recording import Recorder, RecordingError, recording_key
 from sidecar.request import RawRequest
+from sidecar.runtime import build_runtime, resolve_secrets, upstream_verify
+from sidecar.secretrefs import resolve
 from sidecar.services import SERVICE_KEYS, start_sweeper
-from sidecar.upstream import NotSent, OutcomeUnknown
 from sidecar.state.flags import set_killswitch
+from sidecar.upstream import NotSent, OutcomeUnknown
+from sidecar.upstream_fast import FastUpstreamClient
 
 log = get_logger("sidecar.proxy")
 DRAIN_TIMEOUT_S = 30.0
@@ -122,6 +122,8 @@ class Sidecar:
             require_tls=self.cfg.listen.tls is not None, mtls=mtls,
         )
         self.master = Master(options.Options())
+        skip_message_typecheck()
+        lean_hook_dispatch(self.master.addons)
         self.master.addons.add(
             core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
             errorcheck.ErrorCheck(), self.addon,

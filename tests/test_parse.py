@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import uuid
 
@@ -596,3 +597,28 @@ def test_rewrite_in_bundle_entries_makes_them_upstream_urls() -> None:
     cls = run(raw("POST", b"/fhir/R4", [FHIR_JSON], bundle), **REWRITE)
     assert cls.entries[0].interaction == "update"
     assert cls.entries[0].url == UPSTREAM + "/Observation/9"
+
+
+def test_minted_ids_never_repeat_across_pool_refills() -> None:
+    # 600 ids read 24 + 16 bytes each: several 4 KiB refills of the random pool
+    seen = {parse_mod.correlation_id(raw("GET", P9)) for _ in range(600)}
+    traces = {parse_mod.traceparent(raw("GET", P9)) for _ in range(600)}
+    assert len(seen) == 600 and len(traces) == 600
+    assert all(UUID_RE.fullmatch(c) for c in seen)
+
+
+def test_forked_child_does_not_repeat_the_parents_random_bytes() -> None:
+    parse_mod.correlation_id(raw("GET", P9))  # the pool holds unread bytes now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its next id, then exit at once
+        try:
+            os.write(w, parse_mod.correlation_id(raw("GET", P9)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    assert UUID_RE.fullmatch(child)
+    assert child != parse_mod.correlation_id(raw("GET", P9))
