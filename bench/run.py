@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import fsync_bench  # bench/fsync_bench.py (this script's directory is on sys.path)
+from procs import Proc, Processes  # bench/procs.py
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -180,6 +181,16 @@ UPDATES = "sidecar updates (PUT, full enforcement)"
 WRITES_OFF = "sidecar writes (POST, policy off)"
 WRITES_RAM = "sidecar writes (POST, full, audit on RAM fs)"
 WRITES_OFF_RAM = "sidecar writes (POST, policy off, audit on RAM fs)"
+WRITES_FLOOR = "sidecar writes (POST, 1-rule policy: engine floor)"
+# --floor-policy: the embedded engine's fixed cost per decision, in the sidecar under load
+FLOOR_POLICY = """package fhir.writeback
+
+import rego.v1
+
+default decision := {"allow": false, "reasons": ["not a write"], "review": false}
+
+decision := {"allow": true, "reasons": [], "review": false} if input.request.write == true
+"""
 
 
 def transactions_label(n: int) -> str:
@@ -301,62 +312,7 @@ def venv_bin(name: str) -> str:
     return found
 
 
-# -- processes -------------------------------------------------------------------------------------
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    logfile: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-class Processes:
-    """Every process this script starts; `stop_all` ends each by its own PID (TERM, then KILL)."""
-
-    def __init__(self) -> None:
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Proc:
-        logfile = logdir / f"{name}.log"
-        out = open(logfile, "wb")
-        try:
-            # own session: a Ctrl-C on the terminal reaches only us, and we stop them in order
-            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, start_new_session=True)
-        finally:
-            out.close()
-        proc = Proc(name, p, logfile)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            if p.popen.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-        deadline = time.monotonic() + 10
-        for p in reversed(self.procs):
-            try:
-                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log(f"{p.name} (pid {p.pid}) did not stop on SIGTERM; killing it")
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.popen.wait(timeout=5)
+# -- processes: bench/procs.py ----------------------------------------------------------------------
 
 
 def wait_until(check, what: str, proc: Proc, timeout: float = 30.0) -> None:
@@ -471,6 +427,15 @@ def make_policy_dir(tmp: Path) -> Path:
     data = json.loads(data_file.read_text()) if data_file.exists() else {}
     data.setdefault("fhir_sidecar", {}).setdefault("clients", {})["bench"] = {"write_types": ["Observation"]}
     data_file.write_text(json.dumps(data, indent=1))
+    return pdir
+
+
+def make_floor_policy_dir(tmp: Path) -> Path:
+    """A one-rule policy (FLOOR_POLICY) beside the starter policy's data.json: what any policy costs."""
+    pdir = tmp / "policies-floor"
+    pdir.mkdir()
+    (pdir / "floor.rego").write_text(FLOOR_POLICY)
+    shutil.copy(REPO / "policies" / "data.json", pdir / "data.json")
     return pdir
 
 
@@ -917,13 +882,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"add the transaction rows: Bundles of {'/'.join(map(str, TRANSACTION_SIZES))} Observation "
                         "creates POSTed to the base, stock and sidecar (full enforcement); part of --all")
     p.add_argument("--no-update", action="store_true", help="skip the update rows (PUT, stock and sidecar)")
+    p.add_argument("--floor-policy", action="store_true",
+                   help="add a write row whose policy is one rule (the embedded engine's fixed cost); part of --all")
     p.add_argument("--no-pure-proxy", action="store_true", help="skip the pure-proxy row (and its sidecar)")
     p.add_argument("--no-install", action="store_true", help="never apt-get nginx-light/wrk")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (process logs, configs, audit file)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     a = p.parse_args(argv)
     if a.all:
-        a.audit_cost = a.policy_latency = a.transactions = True
+        a.audit_cost = a.policy_latency = a.transactions = a.floor_policy = True
     if a.quick:
         a.duration, a.warmup = 3, 1
         if a.policy_rounds == 2000:
@@ -954,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     ensure_tools(not args.no_install)
     tmp = Path(tempfile.mkdtemp(prefix="fhir-sidecar-bench-", dir=args.tmpdir)).resolve()
-    procs = Processes()
+    procs = Processes(log)
     cleanups: list = []  # run after every process has stopped (the RAM fs: remove or unmount)
     try:
         return _run(args, tmp, procs, cleanups)
@@ -985,7 +952,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Processes, cleanups: list) 
     api_key = "bench-" + secrets.token_urlsafe(24)
     settings = ("connections", "threads", "rounds", "duration", "warmup", "log_level", "no_reference",
                 "breaker_threshold", "audit_cost", "policy_latency", "policy_rounds", "fsync_iterations",
-                "transactions", "no_update", "no_pure_proxy")
+                "transactions", "no_update", "no_pure_proxy", "floor_policy")
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
                      "versions": versions, "settings": {k: getattr(args, k) for k in settings}}
 
@@ -1064,6 +1031,10 @@ def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key
     sc_port, sc_admin, sc = start_sidecar(procs, tmp, "sidecar", nginx_port, api_key, policy_dir, audit_key, args)
     off_port, off_admin, off = start_sidecar(procs, tmp, "sidecar-policy-off", nginx_port, api_key, None, audit_key,
                                              args)
+    floor = None
+    if args.floor_policy:
+        floor = start_sidecar(procs, tmp, "sidecar-floor-policy", nginx_port, api_key, make_floor_policy_dir(tmp),
+                              audit_key, args)
     pure = None
     if not args.no_pure_proxy:  # policy off and no per-request log line: see bench/README.md, "pure proxy"
         pure = start_sidecar(procs, tmp, "sidecar-pure-proxy", nginx_port, api_key, None, audit_key, args,
@@ -1091,6 +1062,9 @@ def start_targets(args: argparse.Namespace, tmp: Path, procs: Processes, api_key
             if WRITES_RAM in ram_rows:
                 targets.append(ram_rows[WRITES_RAM])
             targets.append(Target(WRITES_OFF, "sidecar-policy-off", "POST", off_port, off.pid, stock, off_admin))
+            if floor is not None:
+                targets.append(Target(WRITES_FLOOR, "sidecar-floor-policy", "POST", floor[0], floor[2].pid, stock,
+                                      floor[1]))
             if WRITES_OFF_RAM in ram_rows:
                 targets.append(ram_rows[WRITES_OFF_RAM])
     if not args.no_update:

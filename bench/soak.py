@@ -41,6 +41,9 @@ from datetime import datetime
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # also when loaded as a module (tests/test_soak_script.py)
+from procs import Proc, Processes  # noqa: E402  # bench/procs.py
+
 REPO = BENCH.parent
 BASE = "/fhir/R4"
 CLIENT_ID = "soak"
@@ -217,62 +220,7 @@ def sandbox_child(port: int, witness: Path, audit_file: Path) -> int:
     return 0
 
 
-# -- processes ------------------------------------------------------------------------------------
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    logfile: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-class Processes:
-    """Every process this script starts; each is stopped by its own PID (SIGTERM, then SIGKILL)."""
-
-    def __init__(self) -> None:
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
-        logfile = logdir / f"{name}.log"
-        with open(logfile, "wb") as out:  # own session: a terminal Ctrl-C reaches only this script
-            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 cwd=cwd, start_new_session=True)
-        proc = Proc(name, p, logfile)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: Proc, timeout: float = 30.0) -> int | None:
-        if proc.popen.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{proc.name} (pid {proc.pid}) did not stop on SIGTERM within {timeout:g} s; killing it")
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.popen.wait(timeout=10)
-        return proc.popen.returncode
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            self.stop(p, timeout=15)
-
+# -- processes: bench/procs.py ---------------------------------------------------------------------
 
 def wait_until(check, what: str, proc: Proc, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
@@ -1041,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--minutes and --capacity-seconds must be > 0, --load in (0, 1]")
 
     tmp = Path(tempfile.mkdtemp(prefix="fhir-sidecar-soak-", dir=args.tmpdir))
-    procs = Processes()
+    procs = Processes(log)
 
     install_signal_handlers()
     code = 2
@@ -1057,7 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # finish the clean-up even on a second Ctrl-C
             signal.signal(sig, signal.SIG_IGN)
-        procs.stop_all()
+        procs.stop_all(timeout=15)
         if args.keep_tmp:
             log(f"kept {tmp}")
         else:

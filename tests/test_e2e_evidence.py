@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.sandbox import SandboxServer
 from tests.harness import READER_KEY, WRITER_KEY, SidecarProcess, make_config, request
 
 pytestmark = pytest.mark.e2e
@@ -21,14 +20,6 @@ BASE = "/fhir/R4"
 OBS = json.dumps({"resourceType": "Observation", "status": "final",
                   "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}).encode()
 WH = {"X-API-Key": WRITER_KEY, "Content-Type": "application/fhir+json"}
-
-
-@pytest.fixture
-def sandbox():
-    s = SandboxServer("127.0.0.1", 0)
-    s.start()
-    yield s
-    s.stop()
 
 
 def records(path: Path) -> list[dict]:

@@ -15,7 +15,6 @@ import time
 import hvac
 import pytest
 
-from sidecar.sandbox import SandboxServer
 from tests.harness import READER_KEY, WRITER_KEY, SidecarProcess, make_config, request, sha
 from tests.openbao import openbao_fixture  # noqa: F401  (the `openbao` fixture)
 from tests.redis_server import fresh_redis, redis_server  # noqa: F401  (fixtures)
@@ -32,14 +31,6 @@ def body(**extra) -> bytes:
 
 def wh(key: str = WRITER_KEY, **extra: str) -> dict[str, str]:
     return {"X-API-Key": key, "Content-Type": "application/fhir+json", **extra}
-
-
-@pytest.fixture
-def sandbox():
-    s = SandboxServer("127.0.0.1", 0)
-    s.start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

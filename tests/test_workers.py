@@ -20,7 +20,6 @@ from sidecar.alerts import AlertEngine, AlertEvent, AlertsConfig
 from sidecar.audit.files import active_path, all_chain_files, worker_paths
 from sidecar.audit.verify import verify_files
 from sidecar.config import ConfigError, load_config
-from sidecar.sandbox import SandboxServer
 from sidecar.state import open_store
 from sidecar.workers import WorkerSlot, check_workers, for_worker, reserve_port, worker_file
 from sidecar.workers_admin import merge_metrics
@@ -197,14 +196,6 @@ def test_local_alert_engine_is_unchanged_without_sharing():
 
 
 # -- end to end --------------------------------------------------------------------------------
-
-@pytest.fixture
-def sandbox():
-    s = SandboxServer("127.0.0.1", 0)
-    s.start()
-    yield s
-    s.stop()
-
 
 @pytest.fixture
 def workers(sandbox, tmp_path):
