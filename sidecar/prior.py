@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import jsonpatch
 
 from sidecar.errors import Refusal, unavailable
 from sidecar.fhir import jsonbody
+from sidecar.upstream_fast import FastUpstreamClient
 
 MAX_CURRENT_BYTES = 16 * 1024 * 1024
 
@@ -28,8 +28,15 @@ class Prior:
     result: dict[str, Any] | None = None   # PATCH: the patched resource
 
 
-def _etag(resp: httpx.Response, current: dict[str, Any] | None) -> str | None:
-    tag = resp.headers.get("etag")
+def _header(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    """The first value of a response header (names compared case-insensitively)."""
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _etag(tag: str | None, current: dict[str, Any] | None) -> str | None:
     if tag:
         return tag
     vid = (current or {}).get("meta", {}).get("versionId")
@@ -57,50 +64,48 @@ def apply_json_patch(current: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
 
 
 class PriorStateReader:
-    """Reads through the sidecar's own upstream connection settings (same TLS trust)."""
+    """Reads through the sidecar's own upstream client (sidecar/upstream_fast.py: the same TLS trust
+    and pins as the write that follows; an answer over its size limit is refused, never cut)."""
 
     def __init__(self, upstream_base: str, *, verify: Any = True, timeout_s: float = 30.0,
-                 client: httpx.AsyncClient | None = None, pins: frozenset[str] = frozenset()) -> None:
-        from sidecar.upstream import pin_checker
-
-        self._extensions = {"trace": pin_checker(pins)} if pins else {}
+                 client: FastUpstreamClient | None = None, pins: frozenset[str] = frozenset()) -> None:
         self._base = upstream_base.rstrip("/")
-        self._client = client or httpx.AsyncClient(verify=verify, timeout=timeout_s, follow_redirects=False,
-                                                   trust_env=False)
+        self._client = client or FastUpstreamClient(verify=verify, timeout_s=timeout_s, pins=pins)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.close()
 
     async def read(self, resource_type: str, rid: str, *, correlation_id: str,
                    authorization: str | None = None) -> Prior:
-        headers = {"accept": "application/fhir+json", "x-correlation-id": correlation_id,
-                   "accept-encoding": "identity"}
+        headers = [("accept", "application/fhir+json"), ("x-correlation-id", correlation_id),
+                   ("accept-encoding", "identity")]
         if authorization:
-            headers["authorization"] = authorization
+            headers.append(("authorization", authorization))
         try:
-            resp = await self._client.get(f"{self._base}/{resource_type}/{rid}", headers=headers,
-                                          extensions=self._extensions)
-        except Exception:  # transport errors and a pin mismatch alike: nothing to decide on
+            resp = await self._client.send("GET", f"{self._base}/{resource_type}/{rid}", headers, b"")
+        except Exception:  # transport errors, a pin mismatch, an oversized answer alike: nothing to decide on
             raise unavailable("current version could not be read from the EHR") from None
-        if resp.status_code in (404, 410):
+        if resp.status in (404, 410):
             return Prior(None, None)
-        if resp.status_code in (429, 503):
+        if resp.status in (429, 503):
             # the EHR asks for quiet: pass its answer on (with Retry-After), never a false 403
-            retry = resp.headers.get("retry-after")
-            raise Refusal(resp.status_code, "the EHR asked to back off while the current version was read",
-                          "throttled" if resp.status_code == 429 else "transient",
+            retry = _header(resp.headers, "retry-after")
+            raise Refusal(resp.status, "the EHR asked to back off while the current version was read",
+                          "throttled" if resp.status == 429 else "transient",
                           (("Retry-After", retry),) if retry else (), decision="error")
-        if resp.status_code != 200:
-            raise Refusal(502 if resp.status_code >= 500 else 403,
-                          f"current version could not be read (EHR answered {resp.status_code})",
-                          "transient" if resp.status_code >= 500 else "forbidden")
+        if resp.status != 200:
+            raise Refusal(502 if resp.status >= 500 else 403,
+                          f"current version could not be read (EHR answered {resp.status})",
+                          "transient" if resp.status >= 500 else "forbidden")
         try:
-            current = jsonbody.parse_json(jsonbody.decode_content(resp.content, None, MAX_CURRENT_BYTES))
+            # asked for identity; a server that compresses anyway is decoded with the same bound
+            body = jsonbody.decode_content(resp.body, _header(resp.headers, "content-encoding"), MAX_CURRENT_BYTES)
+            current = jsonbody.parse_json(body)
         except jsonbody.BodyError:
             raise Refusal(502, "current version is not readable JSON", "transient") from None
         if current.get("resourceType") != resource_type or current.get("id") != rid:
             raise Refusal(502, "EHR returned another resource than the one asked for", "transient")
-        return Prior(current, _etag(resp, current))
+        return Prior(current, _etag(_header(resp.headers, "etag"), current))
 
 
 def check_if_match(sent: str | None, prior: Prior) -> None:
