@@ -32,16 +32,11 @@ from regopy.rego_shared import (
     NodeKind,
     rego,
     rego_bundle_node,
-    rego_free_input,
-    rego_free_output,
     rego_get_error,
     rego_node_get,
     rego_node_size,
     rego_node_value,
-    rego_output_node,
-    rego_output_ok,
     rego_output_string,
-    rego_set_input,
 )
 
 from sidecar.config import ConfigError
@@ -167,18 +162,19 @@ class EmbeddedPolicy:
         try:
             with self._lock:
                 # the input stays alive until the query's output has been read (regopy's rule)
-                rego_set_input(self._interp._impl, term)
+                if _SET_INPUT(self._interp._impl, term) != 0:
+                    raise PolicyEvalError("policy evaluation failed: " + _short(rego_get_error(self._interp._impl)))
                 out = _QUERY_ENTRYPOINT(self._interp._impl, self._bundle._impl, self._entrypoint_c)
                 if not out:
                     raise PolicyEvalError("policy evaluation failed: " + _short(rego_get_error(self._interp._impl)))
                 try:
-                    if not rego_output_ok(out):
+                    if not _OUTPUT_OK(out):
                         raise PolicyEvalError("policy evaluation failed: " + _error_text(out))
-                    return _decision_value(rego_output_node(out))
+                    return _decision_value(_OUTPUT_NODE(out))
                 finally:
-                    rego_free_output(out)
+                    _FREE_OUTPUT(out)
         finally:
-            rego_free_input(term)
+            _FREE_INPUT(term)
 
 
 _ERROR_RE = re.compile(r"\(error \d+:(?P<file>[^|\n]+)\|(?P<off>\d+)\|\d+\s*\(errormsg \d+:(?P<msg>[^\n]*?)\)\s*\n")
@@ -196,12 +192,15 @@ def compile_error_text(text: str, modules: dict[str, str]) -> str:
     return " ".join(text.split())[:300]
 
 
-# The input calls, as function objects of their own without argument types: ctypes then passes
-# a pointer object, bytes and C ints straight through instead of converting each argument
-# (about a tenth of the conversion time). 64-bit integers and doubles are wrapped explicitly.
-# Loaded as a PyDLL: these calls take a microsecond and never block, so they keep the GIL instead
-# of releasing and retaking it hundreds of times per decision (~7% of the conversion).
+# Every call made per decision goes through a PyDLL: it keeps the GIL instead of releasing and
+# retaking it (regopy's CDLL does that on each of the hundreds of calls of one decision, and under
+# load every release lets another thread in: ~20% more CPU per decision with a busy audit thread).
+# A decision runs on the event loop, which waits for it anyway; other threads wait at most as long.
+# The input calls are function objects of their own without argument types: ctypes then passes a
+# pointer object, bytes and C ints straight through instead of converting each argument (about a
+# tenth of the conversion time). 64-bit integers and doubles are wrapped explicitly.
 _RAW = ctypes.PyDLL(rego._name)
+_TYPED = ctypes.PyDLL(rego._name)  # a second handle: its function objects carry regopy's argument types
 
 
 def _raw(name: str, restype: Any = ctypes.c_uint32) -> Any:
@@ -210,8 +209,17 @@ def _raw(name: str, restype: Any = ctypes.c_uint32) -> Any:
     return f
 
 
-_NEW_INPUT = rego.regoNewInput
-_QUERY_ENTRYPOINT = rego.regoBundleQueryEntrypoint
+def _typed(name: str) -> Any:
+    """rego-cpp's `name` with regopy's declared result and argument types, keeping the GIL."""
+    src, f = getattr(rego, name), getattr(_TYPED, name)
+    f.restype, f.argtypes = src.restype, src.argtypes
+    return f
+
+
+_NEW_INPUT, _FREE_INPUT = _typed("regoNewInput"), _typed("regoFreeInput")
+_SET_INPUT, _QUERY_ENTRYPOINT = _typed("regoSetInput"), _typed("regoBundleQueryEntrypoint")
+_OUTPUT_OK, _OUTPUT_NODE, _FREE_OUTPUT = _typed("regoOutputOk"), _typed("regoOutputNode"), _typed("regoFreeOutput")
+rego_free_input = _FREE_INPUT  # frees what to_rego_input returns
 _IN_INT, _IN_FLOAT, _IN_STR = _raw("regoInputInt"), _raw("regoInputFloat"), _raw("regoInputString")
 _IN_BOOL, _IN_NULL, _IN_ITEM = _raw("regoInputBoolean"), _raw("regoInputNull"), _raw("regoInputObjectItem")
 _IN_OBJ, _IN_ARR = _raw("regoInputObject"), _raw("regoInputArray")
@@ -240,7 +248,7 @@ def to_rego_input(value: Any) -> int:
         if _IN_VALIDATE(handle) != 0 or _IN_SIZE(handle) != 1:
             raise PolicyEvalError("cannot create a policy input")
     except BaseException:
-        rego_free_input(term)
+        _FREE_INPUT(term)
         raise
     return term
 
@@ -359,8 +367,8 @@ def _error_text(out: Any) -> str:
         return "(no error text)"
 
 
-_NODE_TYPE, _NODE_SIZE, _NODE_GET = rego.regoNodeType, rego.regoNodeSize, rego.regoNodeGet
-_NODE_JSON, _NODE_JSON_SIZE = rego.regoNodeJSON, rego.regoNodeJSONSize
+_NODE_TYPE, _NODE_SIZE, _NODE_GET = _typed("regoNodeType"), _typed("regoNodeSize"), _typed("regoNodeGet")
+_NODE_JSON, _NODE_JSON_SIZE = _typed("regoNodeJSON"), _typed("regoNodeJSONSize")
 _K_TERM, _K_SCALAR, _K_OBJECT, _K_ITEM = int(NodeKind.Term), int(NodeKind.Scalar), int(NodeKind.Object), int(NodeKind.ObjectItem)
 _K_ARRAY, _K_SET, _K_STRING, _K_TRUE = int(NodeKind.Array), int(NodeKind.Set), int(NodeKind.String), int(NodeKind.True_)
 _K_FALSE, _K_NULL, _K_INT, _K_FLOAT = int(NodeKind.False_), int(NodeKind.Null), int(NodeKind.Int), int(NodeKind.Float)
