@@ -1,5 +1,5 @@
 """Two per-flow costs of mitmproxy that the sidecar's own Master does not need (bench/README.md,
-"Profile"), removed without changing what any hook sees or how an addon error is handled:
+"Where the time goes"), removed without changing what any hook sees or how an addon error is handled:
 
 - `AddonManager.trigger_event` enters a `contextlib` context manager (`safecall`) for every addon
   of the chain for every event, whether the addon has the hook or not: ~7% of a read's CPU. Ours
