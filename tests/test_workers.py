@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -340,3 +341,45 @@ def test_workers_refuse_a_port_in_use(sandbox, tmp_path):
     finally:
         holder.close()
 
+
+
+def test_forward_mode_workers_share_one_ca_and_refuse_other_hosts(tmp_path):
+    """HTTPS_PROXY mode under --workers: every worker intercepts with the same CA (the confdir
+    worker 0 fills first), writes reach the EHR with their intents, other hosts are refused."""
+    import httpx
+
+    from sidecar.sandbox import SandboxServer
+    from tests.harness import free_port
+    from tests.tlsutil import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    ehr = SandboxServer("127.0.0.1", 0, tls_cert=str(pki["cert"]), tls_key=str(pki["key"]))
+    ehr.start()
+    cfg = make_config(tmp_path, ehr.base_url, policy={"engine": "off"},
+                      upstream={"url": ehr.base_url, "ca_bundle": str(pki["ca"])},
+                      listen={"mode": "forward", "confdir": str(tmp_path / "mitm")})
+    sc = SidecarProcess(cfg, tmp_path, ("--workers", "2")).start()
+    try:
+        sidecar_ca = str(tmp_path / "mitm" / "mitmproxy-ca-cert.pem")
+        statuses = []
+        for _ in range(16):  # a new client each time: a new CONNECT, spread over the workers
+            with httpx.Client(proxy=f"http://127.0.0.1:{sc.port}", verify=sidecar_ca, timeout=10) as client:
+                statuses.append(client.post(f"{ehr.base_url}/Observation", content=body(), headers=wh()).status_code)
+        assert statuses == [201] * 16
+        deadline = time.time() + 5
+        while sum((by_chain := served_by(tmp_path)).values()) < 16 and time.time() < deadline:
+            time.sleep(0.1)
+        assert set(by_chain) == {"main.w0", "main.w1"}, by_chain  # both workers intercepted with one CA
+        intents = {json.loads(l)["correlation_id"] for f in tmp_path.glob("audit.w*.jsonl")
+                   for l in complete_lines(f) if json.loads(l)["kind"] == "intent"}
+        writes = [e for e in ehr.request_log() if e["action"] == "create"]
+        assert len(writes) == 16 and all(e["correlation_id"] in intents for e in writes)
+        other = free_port()
+        for _ in range(6):  # CONNECT elsewhere: refused by whichever worker takes it, never tunnelled
+            with socket.create_connection(("127.0.0.1", sc.port), timeout=10) as s:
+                s.sendall(f"CONNECT 127.0.0.1:{other} HTTP/1.1\r\nHost: 127.0.0.1:{other}\r\n\r\n".encode())
+                assert s.recv(4096).startswith(b"HTTP/1.1 403")
+        assert len(ehr.request_log()) == 16
+    finally:
+        sc.stop()
+        ehr.stop()
