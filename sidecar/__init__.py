@@ -1,2 +1,2 @@
 """fhir-sidecar: a fail-closed FHIR write-back proxy."""
-__version__ = "0.1.0"
+__version__ = "0.2.1"

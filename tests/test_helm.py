@@ -28,6 +28,8 @@ from typing import Self
 import pytest
 import yaml
 
+import sidecar
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "fhir-sidecar"
 EXAMPLES = CHART / "examples"
@@ -763,6 +765,7 @@ def test_dockerfile_matches_the_chart(chart):
     pyproject = (ROOT / "pyproject.toml").read_text()
     version = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE).group(1)
     assert chart.metadata["appVersion"] == version
+    assert sidecar.__version__ == version  # the version the sidecar logs at start-up
     image = container(pod_spec(render(chart, example("sidecar"))), "fhir-sidecar")["image"]
     assert image == f"{defaults['image']['repository']}:{version}"
 
