@@ -29,16 +29,21 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "conten
 
 async def admin_request(port: int, method: str, target: str, headers: dict[str, str], body: bytes,
                         timeout_s: float = ASK_TIMEOUT_S) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One exchange with a worker's admin listener on 127.0.0.1 (answers are small: `/metrics` at most)."""
+    """One exchange with a worker's admin listener on 127.0.0.1. The answer is read as sent (never
+    decoded: its headers are relayed with it) and refused past MAX_ANSWER while it arrives."""
     hdrs = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    chunks, size = [], 0
     try:
         async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
-            r = await client.request(method, f"http://127.0.0.1:{port}{target}", headers=hdrs, content=body)
+            async with client.stream(method, f"http://127.0.0.1:{port}{target}", headers=hdrs, content=body) as r:
+                async for chunk in r.aiter_raw():
+                    size += len(chunk)
+                    if size > MAX_ANSWER:
+                        raise ValueError("worker answer too large")
+                    chunks.append(chunk)
     except httpx.HTTPError as e:
         raise OSError(f"worker admin: {type(e).__name__}") from None
-    if len(r.content) > MAX_ANSWER:
-        raise ValueError("worker answer too large")
-    return r.status_code, list(r.headers.multi_items()), r.content
+    return r.status_code, list(r.headers.multi_items()), b"".join(chunks)
 
 
 async def handle_admin(sup: Supervisor, method: str, target: str, headers: dict[str, str],

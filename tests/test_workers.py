@@ -383,3 +383,33 @@ def test_forward_mode_workers_share_one_ca_and_refuse_other_hosts(tmp_path):
     finally:
         sc.stop()
         ehr.stop()
+
+
+async def test_admin_relay_reads_the_answer_as_sent_and_bounded(monkeypatch):
+    """The supervisor relays a worker's answer with its headers: the body stays as sent (a gzip
+    body is not decoded under its Content-Encoding), and an answer past the limit is refused."""
+    import gzip
+
+    from sidecar import workers_admin
+
+    payload = gzip.compress(b'{"ok": true}' * 100)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        status, headers, data = await workers_admin.admin_request(port, "GET", "/x", {"accept-encoding": "gzip"}, b"")
+        assert status == 200 and data == payload
+        assert ("content-encoding", "gzip") in [(k.lower(), v) for k, v in headers]
+        monkeypatch.setattr(workers_admin, "MAX_ANSWER", len(payload) - 1)
+        with pytest.raises(ValueError, match="too large"):
+            await workers_admin.admin_request(port, "GET", "/x", {}, b"")
+    finally:
+        server.close()
+        await server.wait_closed()
